@@ -1,0 +1,105 @@
+"""cpu backend: real megatron-core on the CPU, process groups over gloo.
+
+megatron-core 0.16.1 assumes CUDA in three ways; each patch below names its target and why:
+1. ``torch.cuda.current_device()`` chooses the device of ~60 allocations (rotary tables,
+   TP gather buffers, p2p buffers, DDP grad buffers): it answers the CPU device here.
+   ``torch.cuda.synchronize()`` (after batched p2p) is a no-op.
+2. The model-parallel RNG tracker (dropout, init, activation recompute) saves/restores the
+   CUDA generator: back it with the CPU generator.
+3. Literal ``device="cuda"`` / ``.cuda()`` / ``'torch.cuda.FloatTensor'`` in specific
+   functions: those functions run under CudaToCpuMode (see cuda_to_cpu.py).
+gloo in torch 2.13 implements every collective megatron calls here (all_gather_into_tensor,
+reduce_scatter_tensor, bf16/fp16 all_reduce): tests/test_gloo_collectives.py checks their
+results against the definitions, so nothing needs emulating.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .base import Backend
+from .cuda_to_cpu import on_cpu
+
+_CPU = torch.device("cpu")
+
+# functions that allocate with device="cuda" or check CUDA type names
+_CUDA_LITERAL_FUNCTIONS = [
+    "megatron.core.transformer.utils.get_default_causal_mask",
+    "megatron.core.transformer.utils.get_sliding_window_causal_mask",
+    "megatron.core.optimizer.optimizer.MixedPrecisionOptimizer.__init__",
+    "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
+    "megatron.core.optimizer.optimizer.FP32Optimizer.__init__",
+    "megatron.core.optimizer.optimizer.MegatronOptimizer.restore_from_cpu",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero",
+    "megatron.core.optimizer.clip_grads.get_grad_norm_fp32",
+    "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+    "megatron.core.optimizer.clip_grads.count_zeros_fp32",
+    # optimizer.py imported the three above by name
+    "megatron.core.optimizer.optimizer.get_grad_norm_fp32",
+    "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+    "megatron.core.optimizer.optimizer.count_zeros_fp32",
+    "megatron.core.optimizer.clip_grads.l2_norm_impl",
+    "megatron.core.optimizer.grad_scaler.MegatronGradScaler.__init__",
+    "megatron.core.optimizer.grad_scaler.DynamicGradScaler.__init__",
+    "megatron.core.optimizer.grad_scaler.DynamicGradScaler.load_state_dict",
+    "megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
+    "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",
+    "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving",
+]
+
+
+def _current_device():
+    return _CPU
+
+
+def _synchronize(device=None):
+    return None
+
+
+def _get_rng_state(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _tracker_add(self, name, seed):
+    """CudaRNGStatesTracker.add with the CPU generator (same bookkeeping as the original)."""
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception(f"cuda rng state {name} already exists")
+    orig = torch.get_rng_state()
+    torch.manual_seed(seed)
+    self.states_[name] = torch.get_rng_state()
+    torch.set_rng_state(orig)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    dist_backend = "gloo"
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    def register_patches(self) -> None:
+        r = self.registry
+        r.register("torch.cuda.current_device", _current_device,
+                   reason="megatron allocates on torch.cuda.current_device(); answer the CPU")
+        r.register("torch.cuda.synchronize", _synchronize,
+                   reason="p2p/parallel_state synchronize the CUDA stream; nothing to wait for")
+        r.register("megatron.core.tensor_parallel.random._get_cuda_rng_state", _get_rng_state,
+                   reason="RNG tracker fork/recompute: use the CPU generator")
+        r.register("megatron.core.tensor_parallel.random._set_cuda_rng_state", _set_rng_state,
+                   reason="RNG tracker fork/recompute: use the CPU generator")
+        r.register("megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add", _tracker_add,
+                   reason="tracker.add seeds torch.cuda; seed a CPU generator state instead")
+        for target in _CUDA_LITERAL_FUNCTIONS:
+            r.register(target, wrapper=on_cpu,
+                       reason="allocates with device='cuda' or checks CUDA type names")

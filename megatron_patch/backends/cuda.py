@@ -1,0 +1,42 @@
+"""cuda backend: NCCL process groups; Transformer Engine layer spec when TE imports, else
+megatron-core's local spec with SDPA core attention (flash/cuDNN kernels, no apex)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Backend
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import megatron.core.extensions.transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    dist_backend = "nccl"
+
+    @classmethod
+    def available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return ("MEGATRON_PATCH_BACKEND=cuda but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device("cuda", local_rank)
+
+    def set_device(self, local_rank: int) -> None:
+        torch.cuda.set_device(local_rank)
+
+    def block_spec(self, config):
+        from megatron_patch.models.llama import layer_spec
+        if te_available():
+            return layer_spec.te_block_spec(config.num_layers)
+        return layer_spec.local_block_spec(config.num_layers)

@@ -1,0 +1,33 @@
+"""Layer specs for the Llama decoder, per device backend.
+
+local: megatron-core's local GPT layer (ColumnParallelLinear/RowParallelLinear, fused qkv,
+gated MLP) with our RMSNorm and SDPA core attention -- no apex, no TE needed.
+te: megatron-core's Transformer Engine spec (fused norms into linear_qkv / linear_fc1).
+"""
+from __future__ import annotations
+
+import copy
+
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron_patch.transformer.norm import RMSNorm
+from megatron_patch.transformer.sdpa_attention import SDPAttention
+
+
+def local_block_spec(num_layers: int, norm_cls=RMSNorm, attention_cls=SDPAttention):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    sub = layer.submodules
+    sub.input_layernorm = norm_cls
+    sub.pre_mlp_layernorm = norm_cls
+    sub.self_attention.submodules.core_attention = attention_cls
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_cls)
+
+
+def te_block_spec(num_layers: int):
+    from megatron.core.extensions.transformer_engine import TENorm
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    layer = get_gpt_layer_with_transformer_engine_spec()
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)

@@ -1,0 +1,40 @@
+"""Build the megatron-core GPTModel for a Llama architecture."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from . import rope
+from .arch import LlamaArch
+
+
+def build_llama(arch: LlamaArch, config: TransformerConfig, pre_process: Optional[bool] = None,
+                post_process: Optional[bool] = None, vp_stage: Optional[int] = None,
+                spec=None) -> GPTModel:
+    """One model chunk. Parallel groups must be initialised (parallel_state)."""
+    from megatron_patch.backends import active_backend
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if spec is None:
+        spec = active_backend().block_spec(config)
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec,
+        vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process, post_process=post_process, parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope", rotary_base=int(arch.rope_theta),
+        vp_stage=vp_stage,
+    )
+    # megatron-core hard-codes Llama-3.1's scaling constants; use transformers' formula with
+    # the config's own numbers (any factor / original context).
+    rot = model.rotary_pos_emb
+    rot.inv_freq = rope.inv_freq(arch).to(rot.inv_freq.device)
+    return model
