@@ -11,3 +11,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import warnings  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture()
+def mp1():
+    """A 1-process gloo group with TP=PP=1 model-parallel state (re-initialised per test)."""
+    from megatron_patch import parallel
+    parallel.init_distributed()
+    parallel.initialize_model_parallel(tp=1, pp=1)
+    yield

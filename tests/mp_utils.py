@@ -6,6 +6,7 @@ sent back (must be picklable). An exception in any rank fails the test with its 
 from __future__ import annotations
 
 import os
+import pickle
 import traceback
 
 import torch.multiprocessing as mp
@@ -21,7 +22,9 @@ def _worker(rank, world, port, fn, args, queue):
         from megatron_patch import parallel
         parallel.init_distributed()
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # plain pickle bytes: torch.multiprocessing would pass tensors through shared memory
+        # that disappears when this process exits
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         raise
@@ -46,11 +49,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300):
     for _ in procs:
         try:
             rank, status, payload = queue.get(timeout=timeout)
-        except Exception:
-            errors.append("timeout waiting for a rank")
+        except Exception as exc:
+            errors.append(f"no answer from a rank ({exc!r})")
             break
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank}:\n{payload}")
     for p in procs:

@@ -37,6 +37,6 @@ class Backend:
     def set_device(self, local_rank: int) -> None:
         pass
 
-    def block_spec(self, config):
+    def block_spec(self, config, vp_stage=None):
         from megatron_patch.models.llama.layer_spec import local_block_spec
-        return local_block_spec(config.num_layers)
+        return local_block_spec(config, vp_stage)

@@ -35,8 +35,8 @@ class CudaBackend(Backend):
     def set_device(self, local_rank: int) -> None:
         torch.cuda.set_device(local_rank)
 
-    def block_spec(self, config):
+    def block_spec(self, config, vp_stage=None):
         from megatron_patch.models.llama import layer_spec
         if te_available():
-            return layer_spec.te_block_spec(config.num_layers)
-        return layer_spec.local_block_spec(config.num_layers)
+            return layer_spec.te_block_spec(config, vp_stage)
+        return layer_spec.local_block_spec(config, vp_stage)

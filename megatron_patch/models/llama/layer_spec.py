@@ -14,7 +14,13 @@ from megatron_patch.transformer.norm import RMSNorm
 from megatron_patch.transformer.sdpa_attention import SDPAttention
 
 
-def local_block_spec(num_layers: int, norm_cls=RMSNorm, attention_cls=SDPAttention):
+def _layers_here(config, vp_stage):
+    # A block spec lists the layers of THIS pipeline stage (megatron builds len(layer_specs)).
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    return get_num_layers_to_build(config, vp_stage=vp_stage)
+
+
+def local_block_spec(config, vp_stage=None, norm_cls=RMSNorm, attention_cls=SDPAttention):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
@@ -22,12 +28,14 @@ def local_block_spec(num_layers: int, norm_cls=RMSNorm, attention_cls=SDPAttenti
     sub.input_layernorm = norm_cls
     sub.pre_mlp_layernorm = norm_cls
     sub.self_attention.submodules.core_attention = attention_cls
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_cls)
+    return TransformerBlockSubmodules(layer_specs=[layer] * _layers_here(config, vp_stage),
+                                      layer_norm=norm_cls)
 
 
-def te_block_spec(num_layers: int):
+def te_block_spec(config, vp_stage=None):
     from megatron.core.extensions.transformer_engine import TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     layer = get_gpt_layer_with_transformer_engine_spec()
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * _layers_here(config, vp_stage),
+                                      layer_norm=TENorm)

@@ -1,0 +1,59 @@
+"""Model chunks wrapped in megatron-core DDP, and the megatron-core optimizer."""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer import TransformerConfig
+
+from megatron_patch.backends import active_backend
+from megatron_patch.models.llama.arch import LlamaArch
+from megatron_patch.models.llama.provider import build_llama
+
+
+def build_model_chunks(arch: LlamaArch, config: TransformerConfig, wrap_ddp: bool = True,
+                       use_distributed_optimizer: bool = False,
+                       overlap_grad_reduce: bool = False) -> list:
+    """One chunk per virtual pipeline stage (one chunk without VPP), moved to the backend's
+    device and wrapped in megatron-core's DistributedDataParallel."""
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    stages = range(vp) if vp else [None]
+    device = active_backend().device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
+    chunks = []
+    for vp_stage in stages:
+        model = build_llama(arch, config, vp_stage=vp_stage).to(device)
+        if config.bf16 or config.fp16:
+            # megatron's Float16Module is only needed for the cast of inputs; params are
+            # already created in params_dtype.
+            pass
+        chunks.append(model)
+    if not wrap_ddp:
+        return chunks
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False,
+        bucket_size=None if not overlap_grad_reduce else 40_000_000)
+    wrapped = []
+    for i, model in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=model,
+            # bucketing of later chunks is disabled like Megatron-LM (only chunk 0 overlaps)
+            disable_bucketing=i > 0))
+    return wrapped
+
+
+def build_optimizer(chunks: list, config: TransformerConfig, lr: float, min_lr: float = 0.0,
+                    weight_decay: float = 0.1, clip_grad: float = 1.0,
+                    use_distributed_optimizer: bool = False, adam_beta1: float = 0.9,
+                    adam_beta2: float = 0.95, adam_eps: float = 1e-8,
+                    initial_loss_scale: Optional[float] = None):
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+        adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps,
+        clip_grad=clip_grad, bf16=config.bf16, fp16=config.fp16,
+        params_dtype=config.params_dtype, use_distributed_optimizer=use_distributed_optimizer,
+        initial_loss_scale=initial_loss_scale if config.fp16 else None,
+        loss_scale=None)
+    return get_megatron_optimizer(opt_config, chunks)

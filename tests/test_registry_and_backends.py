@@ -1,0 +1,118 @@
+"""Patch registry semantics and backend selection at import."""
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from megatron_patch.backends.registry import PatchRegistry, PatchTargetError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def target_module():
+    mod = types.ModuleType("mp_fake_target")
+
+    def f(x):
+        return x + 1
+
+    class C:
+        @classmethod
+        def make(cls, x):
+            return ("made", cls.__name__, x)
+
+        @staticmethod
+        def helper(x):
+            return x * 2
+
+        def method(self):
+            return "orig"
+
+    mod.f, mod.C = f, C
+    sys.modules["mp_fake_target"] = mod
+    yield mod
+    del sys.modules["mp_fake_target"]
+
+
+def test_apply_remove_wrap_idempotent(target_module):
+    reg = PatchRegistry("t")
+    orig_f = target_module.f
+    reg.register("mp_fake_target.f", wrapper=lambda fn: (lambda x: fn(x) * 10), reason="test")
+    reg.register("mp_fake_target.C.make", wrapper=lambda fn: (lambda cls, x: fn(cls, x + 1)), reason="t")
+    reg.register("mp_fake_target.C.helper", wrapper=lambda fn: (lambda x: fn(x) + 1), reason="t")
+    reg.register("mp_fake_target.C.method", lambda self: "patched", reason="t")
+    reg.apply()
+    reg.apply()  # idempotent: not wrapped twice
+    assert target_module.f(1) == 20
+    assert target_module.C.make(1) == ("made", "C", 2)
+    assert target_module.C().make(1) == ("made", "C", 2)
+    assert target_module.C.helper(3) == 7 and target_module.C().helper(3) == 7
+    assert target_module.C().method() == "patched"
+    reg.remove()
+    assert target_module.f is orig_f and target_module.f(1) == 2
+    assert target_module.C.make(1) == ("made", "C", 1) and target_module.C.helper(3) == 6
+    assert isinstance(target_module.C.__dict__["make"], classmethod)
+    assert target_module.C().method() == "orig"
+
+
+def test_missing_target_is_loud():
+    reg = PatchRegistry("t")
+    reg.register("megatron.core.tensor_parallel.random.no_such_function", lambda: 0, reason="t")
+    with pytest.raises(PatchTargetError, match="no_such_function"):
+        reg.apply()
+    with pytest.raises(ValueError, match="twice"):
+        reg.register("megatron.core.tensor_parallel.random.no_such_function", lambda: 0, reason="t")
+
+
+def test_cpu_backend_active_and_patches_removable():
+    import megatron_patch
+    from megatron_patch.backends import active_backend, select_backend
+    b = active_backend()
+    assert b.name == "cpu" and megatron_patch.backend is b
+    assert select_backend() is b  # importing/selecting again does nothing new
+    assert all(p.applied for p in b.registry)
+    assert torch.cuda.current_device() == torch.device("cpu")
+    from megatron.core.transformer import utils as tu
+    b.deactivate()
+    try:
+        assert not b.registry.applied
+        with pytest.raises((RuntimeError, AssertionError, AttributeError)):
+            torch.cuda.current_device()  # the original: no CUDA in this build
+        with pytest.raises((RuntimeError, AssertionError)):
+            tu.get_default_causal_mask(4)  # device="cuda" literal
+    finally:
+        b.activate()
+    mask = tu.get_default_causal_mask(4)
+    assert mask.device.type == "cpu" and mask.tolist()[0] == [False, True, True, True]
+
+
+def _run(code, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                          cwd=ROOT, timeout=120)
+
+
+def test_impossible_explicit_choice_fails_clearly():
+    r = _run("import megatron_patch", MEGATRON_PATCH_BACKEND="cuda")
+    assert r.returncode != 0
+    assert "BackendUnavailableError" in r.stderr and "torch.cuda.is_available() is False" in r.stderr
+    r = _run("import megatron_patch", MEGATRON_PATCH_BACKEND="tpu")
+    assert r.returncode != 0 and "choose one of auto, cpu, cuda, npu" in r.stderr
+
+
+def test_auto_picks_cpu_here():
+    r = _run("import megatron_patch; print(megatron_patch.backend.name)", MEGATRON_PATCH_BACKEND="auto")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "cpu"
+
+
+def test_megatron_core_version_is_checked(monkeypatch):
+    import importlib.metadata as md
+
+    import megatron_patch
+    monkeypatch.setattr(md, "version", lambda name: "0.15.0")
+    with pytest.raises(ImportError, match="megatron-core==0.16.1"):
+        megatron_patch._check_megatron_core()
