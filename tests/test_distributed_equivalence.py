@@ -17,7 +17,11 @@ CASES = [  # name, tp, pp, sp, do, precision
     ("dp2", 1, 1, False, False, "fp32"),
     ("dp2_do", 1, 1, False, True, "fp32"),
     ("tp2_bf16", 2, 1, False, False, "bf16"),
+    ("pp2_vp2", 1, 2, False, False, "fp32"),  # interleaved schedule, 1 layer per chunk
+    ("tp2_recompute", 2, 1, False, False, "fp32"),  # full activation recompute
 ]
+VP = {"pp2_vp2": 2}
+RECOMPUTE = {"tp2_recompute": "full"}
 
 
 def _step(rank, world, cases):
@@ -36,16 +40,22 @@ def _step(rank, world, cases):
     data = token_batch(arch.vocab_size, GBS, SEQ)
     out = {}
     for name, tp, pp, sp, do, prec in cases:
-        parallel.initialize_model_parallel(tp=tp, pp=pp)
+        vp = VP.get(name)
+        parallel.initialize_model_parallel(tp=tp, pp=pp, vp=vp)
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        cfg = transformer_config(arch, ParallelSettings(tp=tp, pp=pp, sequence_parallel=sp), prec)
+        cfg = transformer_config(arch, ParallelSettings(tp=tp, pp=pp, sequence_parallel=sp, vp=vp),
+                                 prec, recompute=RECOMPUTE.get(name))
         chunks = build_model_chunks(arch, cfg, use_distributed_optimizer=do)
-        layers = mapping.stage_layers(arch.num_layers, pp, pp_rank)
-        sd = mapping.hf_to_mcore_state(hf_sd, arch, tp, tp_rank, layers, pp_rank == 0,
-                                       pp_rank == pp - 1)
-        sd = {k: v.to(cfg.params_dtype) for k, v in mapping.to_local_names(sd).items()}
-        chunks[0].module.load_state_dict(sd, strict=True)
+        chunk_layers = []
+        for v, chunk in enumerate(chunks):
+            layers = mapping.stage_layers(arch.num_layers, pp, pp_rank, vp, v)
+            first = pp_rank == 0 and v == 0
+            last = pp_rank == pp - 1 and v == len(chunks) - 1
+            sd = mapping.hf_to_mcore_state(hf_sd, arch, tp, tp_rank, layers, first, last)
+            sd = {k: t.to(cfg.params_dtype) for k, t in mapping.to_local_names(sd).items()}
+            chunk.module.load_state_dict(sd, strict=True)
+            chunk_layers.append((layers, first, last))
         opt = build_optimizer(chunks, cfg, lr=1e-3, use_distributed_optimizer=do, clip_grad=0.0)
         for c in chunks:
             c.zero_grad_buffer()
@@ -58,30 +68,34 @@ def _step(rank, world, cases):
                   "loss_mask": torch.ones(1, SEQ), "position_ids": torch.arange(SEQ)[None]}
                  for s in mine]
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=chunks,
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro), model=chunks,
             num_microbatches=len(micro), seq_length=SEQ, micro_batch_size=1, forward_only=False)
-        grads = {} if do else {k: p.main_grad.detach().float().clone()
-                               for k, p in chunks[0].module.named_parameters()}
+        grads = [{} if do else {k: p.main_grad.detach().float().clone()
+                                for k, p in c.module.named_parameters()} for c in chunks]
         ok, grad_norm, _ = opt.step()
-        weights = {k: p.detach().float().clone() for k, p in chunks[0].module.state_dict().items()
-                   if not k.endswith("_extra_state")}
+        weights = [{k: p.detach().float().clone() for k, p in c.module.state_dict().items()
+                    if not k.endswith("_extra_state")} for c in chunks]
         loss = torch.stack([x["lm loss"] for x in losses]).mean().item() if losses else None
         out[name] = dict(tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank, loss=loss,
-                         grads=grads, weights=weights, ok=ok, layers=layers)
+                         grads=grads, weights=weights, ok=ok, chunks=chunk_layers)
     return out
 
 
 def _merge(results, name, key, arch, tp, pp):
-    """Per-rank mcore tensors -> HF names (through the mapping table)."""
+    """Per-rank, per-chunk mcore tensors -> HF names (through the mapping table)."""
     from megatron_patch.conversion import mapping
-    by_stage = [[None] * tp for _ in range(pp)]
-    layers = [None] * pp
+    merged = {}
     for r in results:
         e = r[name]
-        if e["dp_rank"] == 0:
-            by_stage[e["pp_rank"]][e["tp_rank"]] = e[key]
-            layers[e["pp_rank"]] = e["layers"]
-    return mapping.mcore_to_hf_state(by_stage, arch, layers)
+        if e["dp_rank"] != 0 or e["tp_rank"] != 0:
+            continue
+        for c, (layers, first, last) in enumerate(e["chunks"]):
+            shards = [x[name][key][c] for x in sorted(
+                (x for x in results if x[name]["dp_rank"] == 0 and x[name]["pp_rank"] == e["pp_rank"]),
+                key=lambda x: x[name]["tp_rank"])]
+            merged.update(mapping.stage_to_hf_state(shards, arch, layers, first, last))
+    return merged
 
 
 def _hf_reference():

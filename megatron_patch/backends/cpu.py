@@ -80,6 +80,34 @@ def _tracker_add(self, name, seed):
     torch.set_rng_state(orig)
 
 
+# Pipeline p2p: megatron posts send_prev/recv_prev/send_next/recv_next with one tag. With
+# PP=2 (and the interleaved ring) "prev" and "next" are the same peer, and gloo matches
+# messages per (peer, tag) in posting order, so an activation can land in the gradient
+# buffer (seen: wrong losses with VPP). Tag each direction: forward-going messages
+# (send_next/recv_prev) and backward-going ones (send_prev/recv_next) never mix.
+_TAG_FWD, _TAG_BWD = 1, 2
+
+
+def _tagged_p2p(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
+                group, prev_pipeline_rank, next_pipeline_rank):
+    import torch.distributed as dist
+    reqs = {}
+    g = lambda r: dist.get_global_rank(group, r)  # noqa: E731  (isend takes global ranks)
+    if tensor_send_next is not None:
+        reqs["send_next"] = dist.isend(tensor_send_next, g(next_pipeline_rank), group, tag=_TAG_FWD)
+    if tensor_recv_prev is not None:
+        reqs["recv_prev"] = dist.irecv(tensor_recv_prev, g(prev_pipeline_rank), group, tag=_TAG_FWD)
+    if tensor_send_prev is not None:
+        reqs["send_prev"] = dist.isend(tensor_send_prev, g(prev_pipeline_rank), group, tag=_TAG_BWD)
+    if tensor_recv_next is not None:
+        reqs["recv_next"] = dist.irecv(tensor_recv_next, g(next_pipeline_rank), group, tag=_TAG_BWD)
+    return reqs
+
+
+def _tagged_batched_p2p(**kwargs):
+    return list(_tagged_p2p(**kwargs).values())
+
+
 class CpuBackend(Backend):
     name = "cpu"
     dist_backend = "gloo"
@@ -100,6 +128,10 @@ class CpuBackend(Backend):
                    reason="RNG tracker fork/recompute: use the CPU generator")
         r.register("megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add", _tracker_add,
                    reason="tracker.add seeds torch.cuda; seed a CPU generator state instead")
+        r.register("megatron.core.pipeline_parallel.p2p_communication._batched_p2p_ops",
+                   _tagged_batched_p2p, reason="gloo matches untagged p2p by order: tag directions")
+        r.register("megatron.core.pipeline_parallel.p2p_communication._p2p_ops", _tagged_p2p,
+                   reason="gloo matches untagged p2p by order: tag directions")
         for target in _CUDA_LITERAL_FUNCTIONS:
             r.register(target, wrapper=on_cpu,
                        reason="allocates with device='cuda' or checks CUDA type names")

@@ -207,16 +207,47 @@ def hf_to_mcore_state(hf_sd: dict, arch: LlamaArch, tp: int = 1, tp_rank: int = 
     return out
 
 
+def stage_to_hf_state(tp_sds: Sequence[dict], arch: LlamaArch, layers: Sequence[int],
+                      first: bool, last: bool) -> dict:
+    """One pipeline stage (or virtual chunk): its TP shards (TE or local names) -> HF tensors."""
+    tp_sds = [to_te_names(sd) for sd in tp_sds]
+    out = {}
+    for rule in rules_for(arch):
+        for name, layer in mcore_names(rule, layers, first, last):
+            full = merge(rule, [sd[name] for sd in tp_sds])
+            for hf_name, t in zip(hf_names(rule, layer), unpack(rule, full, arch)):
+                out[hf_name] = t.clone()
+    return out
+
+
 def mcore_to_hf_state(shards_by_stage: Sequence[Sequence[dict]], arch: LlamaArch,
                       layers_by_stage: Sequence[Sequence[int]]) -> dict:
-    """Inverse: ``shards_by_stage[stage][tp_rank]`` mcore state dicts (TE or local names)."""
+    """Inverse of hf_to_mcore_state: ``shards_by_stage[stage][tp_rank]`` state dicts."""
     out = {}
     n = len(shards_by_stage)
     for s, tp_sds in enumerate(shards_by_stage):
-        tp_sds = [to_te_names(sd) for sd in tp_sds]
-        for rule in rules_for(arch):
-            for name, layer in mcore_names(rule, layers_by_stage[s], s == 0, s == n - 1):
-                full = merge(rule, [sd[name] for sd in tp_sds])
-                for hf_name, t in zip(hf_names(rule, layer), unpack(rule, full, arch)):
-                    out[hf_name] = t.clone()
+        out.update(stage_to_hf_state(tp_sds, arch, layers_by_stage[s], s == 0, s == n - 1))
     return out
+
+
+
+def hf_tensor_plan(arch: LlamaArch) -> list:
+    """[(HF name, shape)] of every tensor of the HF model, in the order the rules produce
+    them (embedding, layer 0 ... layer L-1, final norm, lm_head)."""
+    h, d, ffn = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
+    shapes = {
+        "model.embed_tokens.weight": (arch.vocab_size, h), "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,), "mlp.gate_proj.weight": (ffn, h),
+        "mlp.up_proj.weight": (ffn, h), "mlp.down_proj.weight": (h, ffn),
+        "model.norm.weight": (h,), "lm_head.weight": (arch.vocab_size, h),
+    }
+    rules = rules_for(arch)
+    plan = [(n, shapes[n]) for r in rules if r.stage == "first" for n in hf_names(r, None)]
+    for i in range(arch.num_layers):
+        plan += [(n, shapes[n.split(".", 3)[3]]) for r in rules if r.stage == "layer"
+                 for n in hf_names(r, i)]
+    plan += [(n, shapes[n]) for r in rules if r.stage == "last" for n in hf_names(r, None)]
+    return plan
