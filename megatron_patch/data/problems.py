@@ -1,0 +1,71 @@
+"""Bad input records: where they are, why they were skipped, and how many.
+
+A ``Problem`` names the file and line (or parquet row) of one record that was skipped.
+``ProblemLog`` prints the first few, counts all of them by kind, and with ``strict`` turns
+the first one into a hard stop. ``InputError`` is for problems that end the run whatever
+``strict`` says (missing file, unreadable JSON array, absent parquet column...).
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+
+class InputError(Exception):
+    """Input that cannot be processed at all; the message names file and position."""
+
+
+class RecordError(Exception):
+    """Raised by record handlers: ``kind`` is a short category, ``detail`` the specifics."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(kind if not detail else f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+@dataclass
+class Problem:
+    source: str
+    line: int
+    kind: str
+    detail: str = ""
+    unit: str = "line"  # "line" for json/jsonl/txt, "row" for parquet, "record" in a JSON array
+
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.unit == "line" else \
+            f"{self.source}: {self.unit} {self.line}"
+
+    def __str__(self) -> str:
+        return f"{self.where()}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+
+
+class StrictStop(InputError):
+    pass
+
+
+class ProblemLog:
+    def __init__(self, strict: bool = False, max_print: int = 20, stream=None, write=None):
+        self.strict = strict
+        self.max_print = max_print
+        self.counts: Counter = Counter()
+        self._write = write or (lambda msg: print(msg, file=stream or sys.stderr, flush=True))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, problem: Problem) -> None:
+        if self.strict:
+            raise StrictStop(f"{problem} [--strict: stopping at the first bad record]")
+        self.counts[problem.kind] += 1
+        if self.total <= self.max_print:
+            self._write(f"skipped {problem}")
+        elif self.total == self.max_print + 1:
+            self._write(f"(more skipped records are only counted; summary at the end)")
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "skipped 0 records"
+        parts = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
+        return f"skipped {self.total} record{'s' if self.total != 1 else ''}: {parts}"
