@@ -1,0 +1,164 @@
+"""Names and discovery of the Megatron checkpoint layout (DESIGN.md §4).
+
+    <root>/latest_checkpointed_iteration.txt          "release" or N
+    <root>/release | iter_%07d/
+        mp_rank_%02d/model_optim_rng.pt               PP == 1 (TP rank)
+        mp_rank_%02d_%03d/model_optim_rng.pt          PP > 1  (TP rank, PP rank)
+
+These are the names Megatron-LM and Pai-Megatron-Patch read and write, so their tools find
+our checkpoints and we find theirs.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FILENAME = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+
+Iteration = Union[int, str]  # an int, or "release"
+
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+_RANK_RE = re.compile(r"^mp_rank_(\d{2,})(?:_(\d{3,}))?$")
+
+
+def iteration_dirname(iteration: Iteration) -> str:
+    if iteration == "release":
+        return "release"
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"iteration must be 'release' or an int >= 0, not {iteration!r}")
+    return f"iter_{iteration:07d}"
+
+
+def rank_dirname(tp_rank: int, pp_rank: int = 0, pp_size: int = 1) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def checkpoint_file(iter_dir: str, tp_rank: int, pp_rank: int = 0, pp_size: int = 1) -> str:
+    """Path of one rank's file inside an iteration directory (release/ or iter_N/)."""
+    return os.path.join(iter_dir, rank_dirname(tp_rank, pp_rank, pp_size), CHECKPOINT_FILENAME)
+
+
+def read_tracker(root: str) -> Optional[Iteration]:
+    """The iteration named by the tracker file, or None when there is none."""
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected 'release' or an iteration number, found {text!r}")
+
+
+def write_tracker(root: str, iteration: Iteration) -> None:
+    """Atomically point the tracker at ``iteration`` (temp file + rename)."""
+    iteration_dirname(iteration)  # validates
+    path = os.path.join(root, TRACKER_FILENAME)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class CheckpointDir:
+    """One iteration directory and the rank files found in it."""
+    root: str
+    iteration: Iteration
+    path: str
+    tp: int
+    pp: int
+    files: dict = field(repr=False)  # (tp_rank, pp_rank) -> file path
+
+    @property
+    def complete(self) -> bool:
+        return all((t, p) in self.files for t in range(self.tp) for p in range(self.pp))
+
+    def file(self, tp_rank: int, pp_rank: int = 0) -> str:
+        try:
+            return self.files[(tp_rank, pp_rank)]
+        except KeyError:
+            raise FileNotFoundError(f"{self.path}: no file for TP rank {tp_rank}, PP rank "
+                                    f"{pp_rank} (layout TP={self.tp} PP={self.pp})") from None
+
+
+def scan_iteration_dir(path: str, root: Optional[str] = None,
+                       iteration: Optional[Iteration] = None) -> CheckpointDir:
+    """Find the rank files of one iteration directory; TP/PP come from the directory names."""
+    files = {}
+    two_level = False
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            m = _RANK_RE.match(name)
+            f = os.path.join(path, name, CHECKPOINT_FILENAME)
+            if m and os.path.isfile(f):
+                files[(int(m.group(1)), int(m.group(2) or 0))] = f
+                two_level |= m.group(2) is not None
+    if not files:
+        raise FileNotFoundError(f"{path}: no mp_rank_*/{CHECKPOINT_FILENAME} files")
+    tp = 1 + max(t for t, _ in files)
+    pp = 1 + max(p for _, p in files)
+    if iteration is None:
+        base = os.path.basename(os.path.normpath(path))
+        m = _ITER_RE.match(base)
+        iteration = int(m.group(1)) if m else "release"
+    return CheckpointDir(root or os.path.dirname(os.path.normpath(path)), iteration, path,
+                         tp, pp if two_level else 1, files)
+
+
+def list_iterations(root: str) -> list:
+    """Iterations present under root (complete or not), oldest first, 'release' first."""
+    found = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            m = _ITER_RE.match(name)
+            if m and os.path.isdir(os.path.join(root, name)):
+                found.append(int(m.group(1)))
+    out = sorted(found)
+    if os.path.isdir(os.path.join(root, "release")):
+        out.insert(0, "release")
+    return out
+
+
+def find_checkpoint(path: str, iteration: Optional[Iteration] = None) -> CheckpointDir:
+    """The checkpoint to read from ``path``: a root directory (tracker + iteration dirs) or
+    an iteration directory itself. With ``iteration=None`` the tracker's iteration when it is
+    complete, else the newest complete one (a crash can leave a tracker pointing to nothing).
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if any(_RANK_RE.match(n) for n in os.listdir(path)):  # an iteration directory
+        ckpt = scan_iteration_dir(path)
+        if not ckpt.complete:
+            raise FileNotFoundError(f"{path}: incomplete checkpoint ({len(ckpt.files)} of "
+                                    f"{ckpt.tp * ckpt.pp} rank files)")
+        return ckpt
+    if iteration is not None:
+        ckpt = scan_iteration_dir(os.path.join(path, iteration_dirname(iteration)), path,
+                                  iteration)
+        if not ckpt.complete:
+            raise FileNotFoundError(f"{ckpt.path}: incomplete checkpoint")
+        return ckpt
+    candidates = list_iterations(path)
+    tracked = read_tracker(path)
+    if tracked in candidates:  # try the tracked one first
+        candidates.remove(tracked)
+        candidates.append(tracked)
+    for it in reversed(candidates):
+        try:
+            ckpt = scan_iteration_dir(os.path.join(path, iteration_dirname(it)), path, it)
+        except FileNotFoundError:
+            continue
+        if ckpt.complete:
+            return ckpt
+    raise FileNotFoundError(f"{path}: no complete Megatron checkpoint (expected "
+                            f"{TRACKER_FILENAME} and release/ or iter_NNNNNNN/ with "
+                            f"mp_rank_*/{CHECKPOINT_FILENAME})")

@@ -1,0 +1,119 @@
+"""The converter entry (Pai-Megatron-Patch's hf2mcore contract)::
+
+    python -m megatron_patch.conversion.cli MODEL_SIZE SOURCE_CKPT_PATH TARGET_CKPT_PATH \\
+        TP PP mg2hf CHECK CHECK_ONLY PR [HF_CKPT_PATH]
+
+MODEL_SIZE: ``auto`` (every shape from config.json) or GENERATION-SIZE (``llama3_1-8B``,
+``llama2-13B``, ``llama-65B``, ``llama3_1-tiny``...), checked against config.json.
+mg2hf=false: HF -> megatron-core at TP x PP; mg2hf=true: megatron-core (any layout, release
+or iter_N, latest complete) -> HF safetensors. CHECK=true: per-layer parity table, exit 1 on
+failure (TARGET is then not written). CHECK_ONLY=true: the check alone, nothing written.
+PR: fp32 | bf16 | fp16 (dtype written and checked). HF_CKPT_PATH: config/tokenizer (and, for
+a mg2hf check-only run, reference weights) of the HF model.
+
+Environment: MP_OVERWRITE=1 replaces a non-empty TARGET (only after the new one is complete);
+MP_PP0_LAYERS=N puts N layers on the first pipeline stage; MP_HF_SHARD_SIZE (bytes, or with
+K/M/G suffix, default 4G) bounds HF shard files; MP_CHECK_LONG=0 skips the long llama3-rope
+sequence in CHECK; TQDM_DISABLE=1 hides the progress bar.
+
+Exit codes: 0 done, 1 CHECK failed, 2 bad input (one line on stderr, TARGET untouched).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import UsageError
+
+USAGE = ("MODEL_SIZE SOURCE_CKPT_PATH TARGET_CKPT_PATH TP PP mg2hf CHECK CHECK_ONLY PR "
+         "[HF_CKPT_PATH]")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class Request:
+    model_size: str
+    source: str
+    target: str
+    tp: int
+    pp: int
+    mg2hf: bool
+    check: bool
+    check_only: bool
+    precision: str
+    hf_path: Optional[str]
+    pp0_layers: Optional[int] = None
+    overwrite: bool = False
+    shard_bytes: int = 4 * 2**30
+
+
+def _bool(name, v):
+    if v not in ("true", "false"):
+        raise UsageError(f"{name}={v!r}: choose true or false")
+    return v == "true"
+
+
+def _positive(name, v):
+    if not v.isdigit() or int(v) < 1:
+        raise UsageError(f"{name}={v!r}: must be a positive integer")
+    return int(v)
+
+
+def _size(v: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    v = v.strip().upper().rstrip("B")
+    mult = units.get(v[-1:], 1)
+    num = v[:-1] if v[-1:] in units else v
+    try:
+        return int(float(num) * mult)
+    except ValueError:
+        raise UsageError(f"MP_HF_SHARD_SIZE={v!r}: bytes, optionally with K/M/G") from None
+
+
+def parse(argv) -> Request:
+    if len(argv) not in (9, 10):
+        raise UsageError(f"expected 9 or 10 arguments ({USAGE}), got {len(argv)}")
+    size, source, target, tp, pp, mg2hf, check, check_only, pr = argv[:9]
+    hf_path = argv[9] if len(argv) == 10 and argv[9] else None
+    if pr not in PRECISIONS:
+        raise UsageError(f"PR={pr!r}: choose fp32, bf16 or fp16")
+    if size != "auto" and "-" not in size:
+        raise UsageError(f"MODEL_SIZE={size!r}: use auto or GENERATION-SIZE, e.g. llama3_1-8B")
+    req = Request(size, source, target, _positive("TP", tp), _positive("PP", pp),
+                  _bool("mg2hf", mg2hf), _bool("CHECK", check),
+                  _bool("CHECK_ONLY", check_only), pr, hf_path)
+    if not os.path.exists(source):
+        raise UsageError(f"SOURCE_CKPT_PATH={source}: does not exist")
+    if hf_path and not os.path.isdir(hf_path):
+        raise UsageError(f"HF_CKPT_PATH={hf_path}: not a directory")
+    if not req.check_only and not target:
+        raise UsageError("TARGET_CKPT_PATH is empty")
+    pp0 = os.environ.get("MP_PP0_LAYERS", "")
+    if pp0:
+        if not pp0.isdigit():
+            raise UsageError(f"MP_PP0_LAYERS={pp0!r}: must be a number of layers")
+        req.pp0_layers = int(pp0)
+    req.overwrite = os.environ.get("MP_OVERWRITE", "0") == "1"
+    if os.environ.get("MP_HF_SHARD_SIZE"):
+        req.shard_bytes = _size(os.environ["MP_HF_SHARD_SIZE"])
+    return req
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        req = parse(argv)
+        from .commands import run_hf2mcore, run_mg2hf
+        return run_mg2hf(req) if req.mg2hf else run_hf2mcore(req)
+    except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
+        if os.environ.get("MP_DEBUG") == "1":
+            raise
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"hf2mcore: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The two directions of the converter command, from validated arguments (cli.Request):
+check everything that can be checked before writing, convert into a staging directory,
+run CHECK on what was written, then publish it as TARGET."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from megatron_patch.checkpoint import (begin_save, commit_save, find_checkpoint,
+                                       load_model_state, make_args)
+from megatron_patch.checkpoint.load import (FileSource, MemorySource, checkpoint_arch,
+                                            chunk_layout, reshard_state)
+from megatron_patch.models.llama.arch import LlamaArch
+
+from . import mapping
+from .errors import UsageError
+from .hf2mcore import FileSink, MemorySink, hf_to_mcore, validate_hf
+from .hf_files import HFCheckpoint, SafetensorsStreamWriter, copy_side_files
+from .mcore2hf import MemoryHFWriter, mcore_to_hf
+from .model_size import arch_differences, resolve_arch
+from .target import check_target, make_staging, publish
+
+# (not models.llama.config.DTYPES: that module imports megatron-core, which a conversion
+# without CHECK does not need)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _progress() -> bool:
+    return os.environ.get("TQDM_DISABLE", "") not in ("1", "true", "True")
+
+
+def _layout_checks(arch, tp: int, pp: int, pp0) -> None:
+    if arch.num_key_value_heads % tp:
+        raise UsageError(f"TP={tp} does not divide the {arch.num_key_value_heads} query groups "
+                         f"(num_key_value_heads) of this model")
+    try:
+        mapping.check_tp(arch, tp)
+        for p in range(pp):
+            chunk_layout(arch.num_layers, pp, p, None, pp0)
+    except ValueError as e:
+        raise UsageError(f"TP={tp} PP={pp}: {e}") from None
+
+
+def _run_check(hf_model, state, arch, precision, tokenizer_dir) -> bool:
+    from . import check  # imports transformers: only when checking
+    model = check.build_mcore(arch, state, precision)
+    result = check.parity(hf_model, model, arch, precision, tokenizer_dir)
+    print(result.table(), flush=True)
+    return result.ok
+
+
+def _staged(req, write, verify) -> int:
+    """write(staging dir); verify(staging dir) -> bool (CHECK); publish only when both pass."""
+    check_target(req)
+    staging = make_staging(req.target)
+    try:
+        write(staging)
+        if req.check and not verify(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            print(f"TARGET {req.target} not written (CHECK failed)", file=sys.stderr)
+            return 1
+        publish(staging, req.target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return 0
+
+
+# ---- HF -> megatron-core -------------------------------------------------------------------
+def run_hf2mcore(req) -> int:
+    src = req.source
+    if not os.path.isdir(src):
+        raise UsageError(f"SOURCE_CKPT_PATH={src}: not a directory")
+    arch = resolve_arch(req.model_size, os.path.join(src, "config.json"))
+    _layout_checks(arch, req.tp, req.pp, req.pp0_layers)
+    hf = HFCheckpoint(src)
+    try:
+        validate_hf(hf, arch)
+        return _hf2mcore(req, arch, hf)
+    finally:
+        hf.close()
+
+
+def _hf2mcore(req, arch, hf) -> int:
+    src, dtype, t0 = req.source, DTYPES[req.precision], time.time()
+
+    def reference_model():
+        from . import check
+        if os.path.isfile(os.path.join(src, "config.json")):
+            return check.hf_from_dir(src, req.precision)
+        names = [n for n, _ in mapping.hf_tensor_plan(arch)]
+        return check.hf_from_state(arch, dict(zip(names, hf.read(names))), req.precision)
+
+    if req.check_only:  # convert in memory at TP x PP, merge back, check; write nothing
+        sink = MemorySink()
+        hf_to_mcore(hf, arch, req.tp, req.pp, dtype, sink, req.pp0_layers, _progress())
+        state = reshard_state(MemorySource(sink.states), arch, 1, 1, 0, 0)[0]
+        return 0 if _run_check(reference_model(), state, arch, req.precision, src) else 1
+
+    def write(staging):
+        iter_dir = begin_save(staging, "release")
+        args = make_args(arch, req.tp, req.pp, req.precision, pp0_layers=req.pp0_layers)
+        hf_to_mcore(hf, arch, req.tp, req.pp, dtype, FileSink(iter_dir, req.pp, args),
+                    req.pp0_layers, _progress())
+        commit_save(staging, "release")
+        if os.path.isfile(os.path.join(src, "config.json")):
+            shutil.copy2(os.path.join(src, "config.json"), os.path.join(staging, "config.json"))
+        else:
+            _write_json(os.path.join(staging, "config.json"), _hf_config(arch, req.precision))
+        copy_side_files(src, staging)
+
+    def verify(staging):  # the files just written, merged to TP=1 PP=1, against HF
+        state = load_model_state(staging, 1, 1, 0, 0, arch=arch)[0]
+        return _run_check(reference_model(), state, arch, req.precision, src)
+
+    rc = _staged(req, write, verify)
+    if rc == 0:
+        print(f"hf->mcore: {src} -> {req.target} (release, TP={req.tp} PP={req.pp}, "
+              f"{req.precision}) in {time.time() - t0:.1f} s")
+    return rc
+
+
+# ---- megatron-core -> HF -------------------------------------------------------------------
+def _hf_config(arch, precision: str, template_dir: Optional[str] = None) -> dict:
+    """config.json for the exported model: the template's own (same model) when there is
+    one, so every field and its rope settings survive, else one generated from the arch."""
+    cfg = None
+    tpl = os.path.join(template_dir, "config.json") if template_dir else None
+    if tpl and os.path.isfile(tpl):
+        with open(tpl) as f:
+            cand = json.load(f)
+        if not arch_differences(LlamaArch.from_hf_config(cand), arch):
+            cfg = cand
+    if cfg is None:
+        cfg = arch.to_hf_config()
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    cfg["torch_dtype"] = name
+    if "dtype" in cfg:
+        cfg["dtype"] = name
+    return cfg
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _mcore_arch(req, ckpt, source) -> LlamaArch:
+    """The checkpoint's model (its args, a config.json beside it, or HF_CKPT_PATH's),
+    cross-checked against HF_CKPT_PATH's config.json and MODEL_SIZE."""
+    arch = checkpoint_arch(ckpt, source)
+    hf_cfg = os.path.join(req.hf_path, "config.json") if req.hf_path else None
+    if hf_cfg and not os.path.isfile(hf_cfg):
+        hf_cfg = None
+    if arch is None:
+        if hf_cfg is None:
+            raise UsageError(f"{req.source}: the checkpoint carries no model description and "
+                             f"there is no config.json beside it; give HF_CKPT_PATH")
+        arch = LlamaArch.from_hf_config(hf_cfg)
+    elif hf_cfg:
+        diffs = arch_differences(arch, LlamaArch.from_hf_config(hf_cfg))
+        if diffs:
+            raise UsageError(f"HF_CKPT_PATH config.json disagrees with the checkpoint: "
+                             f"{'; '.join(diffs)} (checkpoint vs config)")
+    if req.model_size != "auto":
+        diffs = arch_differences(resolve_arch(req.model_size, None), arch)
+        if diffs:
+            raise UsageError(f"MODEL_SIZE={req.model_size} disagrees with the checkpoint "
+                             f"{ckpt.path}: {'; '.join(diffs)} (preset vs checkpoint)")
+    return arch
+
+
+def _has_weights(path: Optional[str]) -> bool:
+    if not path:
+        return False
+    try:
+        hf = HFCheckpoint(path)
+    except FileNotFoundError:
+        return False
+    hf.close()
+    return bool(hf.files)
+
+
+def run_mg2hf(req) -> int:
+    ckpt = find_checkpoint(req.source)
+    source = FileSource(ckpt)
+    try:
+        return _mg2hf(req, ckpt, source)
+    finally:
+        source.close()
+
+
+def _mg2hf(req, ckpt, source) -> int:
+    arch = _mcore_arch(req, ckpt, source)
+    side_src = req.hf_path or ckpt.root  # config/tokenizer files
+    dtype, t0 = DTYPES[req.precision], time.time()
+
+    if req.check_only:  # the checkpoint against HF_CKPT_PATH's weights (else its own export)
+        from . import check
+        if _has_weights(req.hf_path):
+            hf_model = check.hf_from_dir(req.hf_path, req.precision)
+        else:
+            w = MemoryHFWriter(dtype)
+            mcore_to_hf(source, arch, w, _progress())
+            hf_model = check.hf_from_state(arch, w.state, req.precision)
+        state = reshard_state(source, arch, 1, 1, 0, 0)[0]
+        return 0 if _run_check(hf_model, state, arch, req.precision, side_src) else 1
+
+    files = []
+
+    def write(staging):
+        writer = SafetensorsStreamWriter(staging, mapping.hf_tensor_plan(arch), dtype,
+                                         req.shard_bytes)
+        mcore_to_hf(source, arch, writer, _progress())
+        files.extend(writer.close())
+        _write_json(os.path.join(staging, "config.json"), _hf_config(arch, req.precision, side_src))
+        copy_side_files(side_src, staging)
+
+    def verify(staging):  # the exported HF model against the megatron checkpoint
+        from . import check
+        state = reshard_state(source, arch, 1, 1, 0, 0)[0]
+        return _run_check(check.hf_from_dir(staging, req.precision), state, arch,
+                          req.precision, staging)
+
+    rc = _staged(req, write, verify)
+    if rc == 0:
+        print(f"mcore->hf: {ckpt.path} (TP={ckpt.tp} PP={ckpt.pp}) -> {req.target} "
+              f"({len(files)} safetensors files, {req.precision}) in {time.time() - t0:.1f} s")
+    return rc

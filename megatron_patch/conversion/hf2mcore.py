@@ -1,0 +1,150 @@
+"""HF -> megatron-core, streamed: one mapping rule's tensors at a time, each TP shard
+appended to its rank file as soon as it is cut (the files of a PP stage are finished when
+the stage's last layer is done). Shards that are whole source rows in the target dtype are
+copied file-to-file by the kernel (rowcopy); the rest goes through one tensor in memory."""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron_patch.checkpoint import StreamingTorchWriter, checkpoint_file, checkpoint_state
+from megatron_patch.checkpoint.load import chunk_layout, stage_rules
+from megatron_patch.models.llama.arch import LlamaArch
+
+from . import mapping
+from .hf_files import HFCheckpoint
+from .rowcopy import plan_blocks
+
+
+def validate_hf(hf: HFCheckpoint, arch: LlamaArch) -> None:
+    """Every tensor the model needs is present with the shape ``arch`` implies."""
+    problems = []
+    for name, shape in mapping.hf_tensor_plan(arch):
+        if name not in hf:
+            problems.append(f"{name} missing")
+        elif hf.shape(name) != tuple(shape):
+            problems.append(f"{name} has shape {hf.shape(name)}, expected {tuple(shape)}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"{hf.path} does not match the model: {'; '.join(problems[:3])}{more}")
+
+
+# megatron-core modules whose state dict has an ``_extra_state`` entry (None for the local
+# spec; TE accepts None too): writing them lets a strict load_state_dict accept the file
+_EXTRA_STATE = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
+                "mlp.linear_fc2")
+
+
+def stage_plan(arch: LlamaArch, pp: int, pp0_layers: Optional[int] = None) -> list:
+    """[(pp_rank, [(mcore name, rule, global layer)], [extra-state names])] in megatron-core
+    state-dict order."""
+    out = []
+    for p in range(pp):
+        ((layers, first, last),) = chunk_layout(arch.num_layers, pp, p, None, pp0_layers)
+        rules = stage_rules(arch, first, last)
+        items = [(r.mcore, r, None) for r in rules if r.stage == "first"]
+        for j, i in enumerate(layers):
+            items += [(r.mcore.format(i=j), r, i) for r in rules if r.stage == "layer"]
+        items += [(r.mcore, r, None) for r in rules if r.stage == "last"]
+        extra = [f"decoder.layers.{j}.{m}._extra_state" for j in range(len(layers))
+                 for m in _EXTRA_STATE] + (["output_layer._extra_state"] if last else [])
+        out.append((p, items, extra))
+    return out
+
+
+class FileSink:
+    """Rank files of one iteration directory, written with StreamingTorchWriter."""
+
+    def __init__(self, iter_dir: str, pp: int, args, iteration="release"):
+        self.iter_dir, self.pp, self.args, self.iteration = iter_dir, pp, args, iteration
+
+    def open(self, tp_rank: int, pp_rank: int):
+        path = checkpoint_file(self.iter_dir, tp_rank, pp_rank, self.pp)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return _FileRank(path, self)
+
+
+class _FileRank:
+    def __init__(self, path, sink):
+        self.writer = StreamingTorchWriter(path)
+        self.model = collections.OrderedDict()
+        self.sink = sink
+
+    def add(self, name, tensor):
+        self.model[name] = self.writer.add(tensor)
+
+    def add_bytes(self, name, dtype, shape, source):
+        self.model[name] = self.writer.add_bytes(dtype, shape, source)
+
+    def add_extra_state(self, names):
+        self.model.update((n, None) for n in names)
+
+    def close(self):
+        self.writer.close(checkpoint_state([self.model], self.sink.iteration, self.sink.args))
+
+
+class MemorySink:
+    """Collects {(tp_rank, pp_rank): [state dict]} (CHECK_ONLY and tests)."""
+    byte_copy = False
+
+    def __init__(self):
+        self.states = {}
+
+    def open(self, tp_rank, pp_rank):
+        sd = self.states.setdefault((tp_rank, pp_rank), [collections.OrderedDict()])[0]
+        return _MemoryRank(sd)
+
+
+class _MemoryRank:
+    def __init__(self, sd):
+        self.sd = sd
+
+    def add(self, name, tensor):
+        self.sd[name] = tensor.clone()
+
+    def add_extra_state(self, names):
+        pass
+
+    def close(self):
+        pass
+
+
+def hf_to_mcore(hf: HFCheckpoint, arch: LlamaArch, tp: int, pp: int, dtype: torch.dtype,
+                sink, pp0_layers: Optional[int] = None, progress: bool = True,
+                byte_copy: bool = True) -> None:
+    mapping.check_tp(arch, tp)
+    plan = stage_plan(arch, pp, pp0_layers)
+    padded = arch.padded_vocab_size(tp)
+    byte_copy = byte_copy and getattr(sink, "byte_copy", True)
+    total = sum(hf.nbytes(n) for _, items, _ in plan for _, rule, layer in items
+                for n in mapping.hf_names(rule, layer))
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"hf->mcore TP={tp} PP={pp}",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for p, items, extra in plan:
+            ranks = [sink.open(t, p) for t in range(tp)]
+            for name, rule, layer in items:
+                names = mapping.hf_names(rule, layer)
+
+                def to_ranks(parts, rule=rule):
+                    full = mapping.pack(rule, parts, arch, padded)
+                    return [mapping.shard(rule, full, tp, t) for t in range(tp)]
+
+                plans = plan_blocks(to_ranks, [hf.locate(n) for n in names], dtype) \
+                    if byte_copy else None
+                if plans is not None:  # bytes copied from the HF files, no tensor math
+                    for rank, (shape, plan) in zip(ranks, plans):
+                        rank.add_bytes(name, dtype, shape, plan)
+                    del plans
+                else:
+                    shards = to_ranks([t.to(dtype) for t in hf.read(names)])
+                    for rank, shard in zip(ranks, shards):
+                        rank.add(name, shard)
+                    del shards
+                bar.update(sum(hf.nbytes(n) for n in names))
+            for rank in ranks:  # the stage's files are complete now
+                rank.add_extra_state(extra)
+                rank.close()
