@@ -1,0 +1,91 @@
+#!/bin/sh
+# The training launcher for every Llama generation (pretraining and SFT), with the 25
+# positional arguments of Pai-Megatron-Patch's run_mcore_llama.sh, in the same order:
+#
+#   sh run_mcore_llama3_1.sh ENV MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN \
+#      PAD_LEN PR TP PP CP SP DO FL SFT AC OPTIMIZER_OFFLOAD SAVE_INTERVAL DATASET_PATH \
+#      VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS_OR_ITERS \
+#      WARMUP_TOKENS_OR_ITERS OUTPUT_BASEPATH
+#
+# The per-generation wrappers (examples/llama3_1/run_mcore_llama3_1.sh, examples/llama3/
+# run_mcore_llama3.sh, examples/llama2/run_mcore_llama2.sh, examples/llama/
+# run_mcore_llama1.sh) set MP_GENERATION and call this script; it can also be run directly
+# with MP_GENERATION=llama|llama2|llama3|llama3_1.
+#
+# ENV  dsw: this machine, one process per local device (GPUs/NPUs; on CPU MP_NPROC, default
+#      1). dlc: PAI-DLC multi-node (MASTER_ADDR, MASTER_PORT, WORLD_SIZE = nodes, RANK = node
+#      rank), one torchrun per node.
+# Env knobs: MP_DATASET_TYPE=idxmap|raw (SFT data), MP_AC_LAYERS (AC=full layers, default 1),
+#      MP_VP (virtual pipeline stages), MP_PP0_LAYERS (layers on the first pipeline stage),
+#      MP_SFT_PACKING=true|false, MP_TOKENIZER (HF tokenizer dir for SFT when none sits next
+#      to the checkpoint), MP_EVAL_INTERVAL (10000), MP_EVAL_ITERS (10), MP_DATA_SPLIT
+#      (99,1,0), MP_SEED (1234), MP_NPROC, MP_MASTER_PORT (dsw; default a free port),
+#      MP_PYTHON (interpreter).
+# Output: OUTPUT_BASEPATH/checkpoint/<run name> (resumed automatically when it holds a
+#      complete checkpoint), OUTPUT_BASEPATH/tensorboard/<run name>_<time>,
+#      OUTPUT_BASEPATH/log/<run name>_<time>.log (everything printed, all ranks).
+#
+# Shell only parses and calls Python: every argument is validated by
+# megatron_patch/training/config.py (standard library only, milliseconds) before anything
+# starts; a bad one gives one line "error: NAME=value is not valid: ..." and exit status 2.
+
+MP_LAUNCHER_NAME=${MP_LAUNCHER_NAME:-$(basename "$0")}
+export MP_LAUNCHER_NAME
+ROOT=$(cd "$(dirname "$0")/../.." && pwd) || exit 1
+
+if [ -z "${MP_GENERATION:-}" ]; then
+    echo "$MP_LAUNCHER_NAME: error: MP_GENERATION is not set: run a per-generation wrapper (examples/llama3_1/run_mcore_llama3_1.sh, ...) or set MP_GENERATION=llama|llama2|llama3|llama3_1" >&2
+    exit 2
+fi
+
+if [ -n "${MP_PYTHON:-}" ]; then
+    PY=$MP_PYTHON
+elif command -v python3 >/dev/null 2>&1; then
+    PY=python3
+elif command -v python >/dev/null 2>&1; then
+    PY=python
+else
+    echo "$MP_LAUNCHER_NAME: error: no python3 found (set MP_PYTHON)" >&2
+    exit 2
+fi
+
+# Validate the 25 arguments and plan the processes (prints MP_PLAN_* assignments).
+PLAN=$("$PY" "$ROOT/megatron_patch/training/config.py" plan "$MP_GENERATION" "$@") || exit $?
+eval "$PLAN"
+
+BASE=${25}
+mkdir -p "$BASE/checkpoint" "$BASE/tensorboard" "$BASE/log" || exit 1
+
+LOG=$MP_PLAN_LOG_FILE
+if [ "$MP_PLAN_NODE_RANK" != "0" ]; then
+    LOG="$LOG.node$MP_PLAN_NODE_RANK"
+fi
+
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PYTHONUNBUFFERED=1
+CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+MP_LOG_TEED=1
+export PYTHONPATH PYTHONUNBUFFERED CUDA_DEVICE_MAX_CONNECTIONS MP_LOG_TEED
+
+ENTRY="$ROOT/examples/llama/pretrain_llama.py"
+echo "$MP_LAUNCHER_NAME: $MP_PLAN_NNODES node(s) x $MP_PLAN_NPROC process(es), run $MP_PLAN_RUN_NAME" >&2
+echo "$MP_LAUNCHER_NAME: log $LOG" >&2
+
+RCFILE=$(mktemp "${TMPDIR:-/tmp}/mp_rc.XXXXXX") || exit 1
+{
+    if [ "$MP_PLAN_NNODES" = "1" ] && [ "$MP_PLAN_NPROC" = "1" ]; then
+        # one process: no torchrun needed (same environment torchrun would give it)
+        RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 \
+        MASTER_ADDR=127.0.0.1 MASTER_PORT=$MP_PLAN_MASTER_PORT \
+            "$PY" "$ENTRY" --generation "$MP_GENERATION" --timestamp "$MP_PLAN_TIMESTAMP" -- "$@" 2>&1
+    else
+        "$PY" -m torch.distributed.run --nproc_per_node "$MP_PLAN_NPROC" \
+            --nnodes "$MP_PLAN_NNODES" --node_rank "$MP_PLAN_NODE_RANK" \
+            --master_addr "$MP_PLAN_MASTER_ADDR" --master_port "$MP_PLAN_MASTER_PORT" \
+            "$ENTRY" --generation "$MP_GENERATION" --timestamp "$MP_PLAN_TIMESTAMP" -- "$@" 2>&1
+    fi
+    echo $? > "$RCFILE"
+} | tee -a "$LOG"
+RC=$(cat "$RCFILE" 2>/dev/null)
+rm -f "$RCFILE"
+exit "${RC:-1}"

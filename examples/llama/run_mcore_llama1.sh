@@ -1,0 +1,9 @@
+#!/bin/sh
+# LLaMA-1 training (pretraining and SFT) with the 25-argument launcher
+# (examples/llama/run_mcore_llama.sh explains every argument and env knob).
+# MODEL_SIZE: 7B 13B 33B 65B, tiny (a few-million-parameter LLaMA-1-shaped model for CPU runs),
+# or auto (every shape from the config.json next to PRETRAIN_CHECKPOINT_PATH).
+MP_GENERATION=llama
+MP_LAUNCHER_NAME=${MP_LAUNCHER_NAME:-$(basename "$0")}
+export MP_GENERATION MP_LAUNCHER_NAME
+exec sh "$(dirname "$0")/./run_mcore_llama.sh" "$@"

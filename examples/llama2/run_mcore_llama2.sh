@@ -1,0 +1,9 @@
+#!/bin/sh
+# Llama-2 training (pretraining and SFT) with the 25-argument launcher
+# (examples/llama/run_mcore_llama.sh explains every argument and env knob).
+# MODEL_SIZE: 7B 13B 70B, tiny (a few-million-parameter Llama-2-shaped model for CPU runs),
+# or auto (every shape from the config.json next to PRETRAIN_CHECKPOINT_PATH).
+MP_GENERATION=llama2
+MP_LAUNCHER_NAME=${MP_LAUNCHER_NAME:-$(basename "$0")}
+export MP_GENERATION MP_LAUNCHER_NAME
+exec sh "$(dirname "$0")/../llama/run_mcore_llama.sh" "$@"

@@ -1,0 +1,9 @@
+#!/bin/sh
+# Llama-3.1 training (pretraining and SFT) with the 25-argument launcher
+# (examples/llama/run_mcore_llama.sh explains every argument and env knob).
+# MODEL_SIZE: 8B 70B 405B, tiny (a few-million-parameter Llama-3.1-shaped model for CPU runs),
+# or auto (every shape from the config.json next to PRETRAIN_CHECKPOINT_PATH).
+MP_GENERATION=llama3_1
+MP_LAUNCHER_NAME=${MP_LAUNCHER_NAME:-$(basename "$0")}
+export MP_GENERATION MP_LAUNCHER_NAME
+exec sh "$(dirname "$0")/../llama/run_mcore_llama.sh" "$@"

@@ -1,0 +1,296 @@
+"""Training checkpoints in the Megatron layout (megatron_patch.checkpoint, DESIGN.md §4).
+
+Per (TP rank, PP rank), written by data-parallel rank 0 into the staging directory::
+
+    mp_rank_XX[_YYY]/model_optim_rng.pt   model (TE names), optimizer, opt_param_scheduler,
+                                          rng_state (one per DP rank), args, iteration,
+                                          checkpoint_version, megatron_patch (counters)
+    mp_rank_XX[_YYY]/distrib_optim.pt     DO=true: the sharded Adam state and fp32 main params
+                                          gathered over the DP group (Megatron-LM's file)
+
+then rank 0 renames the staging directory to iter_%07d and moves the tracker file last, so
+a crash mid-save never leaves a checkpoint that looks complete.
+
+megatron-core 0.16.1 without TE/apex (torch Adam) needs three repairs around the
+distributed optimizer, all here: ``DistributedOptimizer.state_dict()`` asserts before the
+first step (no per-parameter state yet); ``load_state_dict`` gives every parameter the SAME
+``step`` tensor object, so after a resume each Adam update bumps it once per parameter and
+the bias correction drifts (the resumed run differs from the uninterrupted one); and the
+parameter-state load copies every key of the live state (``step`` included) from a file
+that holds only param/exp_avg/exp_avg_sq. We save the step explicitly, keep ``step`` aside
+during the parameter-state load, and give each parameter its own step tensor afterwards
+(tests/test_train_parallel.py and test_train_resume.py check resumes bit for bit).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from megatron_patch import checkpoint as ckpt_lib
+from megatron_patch.conversion import mapping
+
+DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
+
+
+# ---- RNG -----------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(),
+             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if "cuda_rng_state" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+# ---- optimizer state (the distributed-optimizer repairs) ---------------------------------
+def _subs(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _is_distributed(opt) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    return isinstance(opt, DistributedOptimizer)
+
+
+def _adam_step(opt) -> Optional[float]:
+    """The torch Adam step count of one megatron optimizer (None before the first step)."""
+    steps = {float(s["step"]) for s in opt.optimizer.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise RuntimeError(f"parameters disagree on the Adam step: {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+@torch.no_grad()
+def _materialize_adam_state(opt) -> None:
+    """Create torch Adam's lazily-initialised state (step 0, zero moments) for parameters
+    that have none yet (no successful step so far, e.g. every fp16 step overflowed): what
+    Adam would create itself, so later updates are unchanged; the distributed optimizer
+    cannot save or load its parameter state without it."""
+    inner = opt.optimizer
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if not inner.state.get(p):
+                inner.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def optimizer_state_dict(optimizer) -> dict:
+    """{'optimizers': [state dict per chained optimizer], 'adam_steps': [...]}."""
+    out = []
+    steps = []
+    for opt in _subs(optimizer):
+        if _is_distributed(opt) and _adam_step(opt) is None:
+            # DistributedOptimizer.state_dict() asserts on an empty state (before the first
+            # successful step) and its parameter-state gather needs exp_avg/exp_avg_sq
+            _materialize_adam_state(opt)
+        steps.append(_adam_step(opt))
+        out.append(opt.state_dict())
+    return {"optimizers": out, "adam_steps": steps}
+
+
+@torch.no_grad()  # main params may be views of the model's leaf params (fp32 + DO)
+def load_optimizer_state(optimizer, state: dict, distrib_files: Optional[list]) -> None:
+    subs = _subs(optimizer)
+    sds = state["optimizers"]
+    if len(sds) != len(subs):
+        raise ValueError(f"checkpoint has {len(sds)} optimizers, this run {len(subs)}")
+    for i, (opt, sd) in enumerate(zip(subs, sds)):
+        step = state["adam_steps"][i]
+        if _is_distributed(opt):
+            opt.load_state_dict(sd)
+            # load_parameter_state copies every key of the live per-parameter state from the
+            # file, which holds param/exp_avg/exp_avg_sq only: keep 'step' aside meanwhile.
+            saved_steps = {}
+            for p, s in opt.optimizer.state.items():
+                if "step" in s:
+                    saved_steps[p] = s.pop("step")
+            path = distrib_files[i] if distrib_files else None
+            param_state = None
+            if opt.data_parallel_group.rank() == 0:
+                param_state = torch.load(path, map_location="cpu", weights_only=False)
+                if isinstance(param_state, list):  # ChainedOptimizer wrote a list
+                    param_state = param_state[i]
+            opt.load_parameter_state_from_dp_zero(param_state)
+            for p, s in opt.optimizer.state.items():
+                if p in saved_steps:
+                    s["step"] = saved_steps[p]
+        else:
+            opt.load_state_dict(sd)
+        _resync_adam_step(opt, step)
+
+
+def _resync_adam_step(opt, step: Optional[float]) -> None:
+    """Every parameter's torch Adam 'step' = the checkpoint's step, each its own tensor."""
+    if step is None:
+        return
+    for group in opt.optimizer.param_groups:
+        for p in group["params"]:
+            s = opt.optimizer.state.get(p)
+            if s is None or not s:
+                continue
+            old = s.get("step")
+            dtype = old.dtype if isinstance(old, torch.Tensor) else torch.float32
+            device = old.device if isinstance(old, torch.Tensor) else torch.device("cpu")
+            s["step"] = torch.tensor(float(step), dtype=dtype, device=device)
+
+
+# ---- save -----------------------------------------------------------------------------------
+def _model_states(chunks) -> list:
+    out = []
+    for c in chunks:
+        sd = c.module.state_dict() if hasattr(c, "module") else c.state_dict()
+        sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state") and v is not None}
+        out.append(mapping.to_te_names(sd))
+    return out
+
+
+def _rank_file(root_or_staging: str) -> str:
+    return ckpt_lib.checkpoint_file(root_or_staging, ps.get_tensor_model_parallel_rank(),
+                                    ps.get_pipeline_model_parallel_rank(),
+                                    ps.get_pipeline_model_parallel_world_size())
+
+
+def _distrib_files(rank_file: str, n: int) -> list:
+    d = os.path.dirname(rank_file)
+    return [os.path.join(d, DISTRIB_OPTIM_FILENAME if i == 0 else f"distrib_optim_{i}.pt")
+            for i in range(n)]
+
+
+def save_checkpoint(run, iteration: int) -> str:
+    """Collective: every rank calls it. Returns the final iteration directory."""
+    cfg = run.cfg
+    root = cfg.checkpoint_dir
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        ckpt_lib.begin_save(root, iteration)
+    dist.barrier()
+    staging = ckpt_lib.staging_dir(root, iteration)
+    rank_file = _rank_file(staging)
+    dp_rank = ps.get_data_parallel_rank()
+    if dp_rank == 0:
+        os.makedirs(os.path.dirname(rank_file), exist_ok=True)
+    # RNG state of every DP rank (Megatron-LM keeps a list indexed by DP rank)
+    dp_group = ps.get_data_parallel_group()
+    rngs = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(rngs, rng_state(), group=dp_group)
+    opt_state = optimizer_state_dict(run.optimizer)
+    subs = _subs(run.optimizer)
+    if any(_is_distributed(o) for o in subs):
+        files = _distrib_files(rank_file, len(subs))
+        dist.barrier()  # the directory exists before DP rank 0 writes into it
+        for opt, f in zip(subs, files):
+            if _is_distributed(opt):
+                state = opt.get_parameter_state_dp_zero()
+                if opt.data_parallel_group.rank() == 0:
+                    torch.save(state, f)
+    if dp_rank == 0:
+        counters = run.counters()
+        args = ckpt_lib.make_args(
+            run.arch, cfg.tp, cfg.pp, cfg.precision, cfg.vp, cfg.pp0_layers,
+            iteration=iteration, consumed_train_samples=counters["consumed_train_samples"],
+            consumed_valid_samples=counters["consumed_valid_samples"],
+            train_iters=cfg.train_iters, micro_batch_size=cfg.micro_batch_size,
+            global_batch_size=cfg.global_batch_size, seq_length=cfg.seq_len, lr=cfg.lr,
+            min_lr=cfg.min_lr, use_distributed_optimizer=cfg.distributed_optimizer,
+            sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
+        state = ckpt_lib.checkpoint_state(
+            _model_states(run.chunks), iteration, args,
+            optimizer=opt_state, opt_param_scheduler=run.scheduler.state_dict(),
+            rng_state=rngs, num_floating_point_operations_so_far=counters["flops"],
+            megatron_patch={**counters, "config": cfg.to_dict()})
+        ckpt_lib.save_rank_file(rank_file, state)
+    if cfg.kill_in_save_iter == iteration:  # test hook: a crash in the middle of the save
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    final = os.path.join(root, ckpt_lib.iteration_dirname(iteration))
+    if rank == 0:
+        ckpt_lib.commit_save(root, iteration)
+        write_companions(run)
+    dist.barrier()
+    return final
+
+
+def write_companions(run) -> None:
+    """config.json (the model's HF config) and the tokenizer files next to the checkpoints,
+    so the converter (mg2hf, MODEL_SIZE auto) and a following SFT run find them."""
+    root = run.cfg.checkpoint_dir
+    cfg_path = os.path.join(root, "config.json")
+    if not os.path.exists(cfg_path):
+        import json
+        tmp = f"{cfg_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(run.arch.to_hf_config(), f, indent=2)
+        os.replace(tmp, cfg_path)
+    from megatron_patch.training.loop import tokenizer_dir
+    try:
+        src = tokenizer_dir(run.cfg)
+    except ValueError:
+        src = None
+    if src is None:
+        return
+    import shutil
+    for name in os.listdir(src):
+        if (name.startswith("tokenizer") or name in ("special_tokens_map.json",
+                                                     "generation_config.json")) \
+                and not os.path.exists(os.path.join(root, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(root, name))
+
+
+# ---- load -----------------------------------------------------------------------------------
+def find_resume(root: str):
+    """The latest complete checkpoint under the run's checkpoint dir, or None."""
+    if not os.path.isdir(root):
+        return None
+    try:
+        found = ckpt_lib.find_checkpoint(root)
+    except FileNotFoundError:
+        return None
+    return None if found.iteration == "release" else found
+
+
+def load_resume_state(run, found) -> dict:
+    """Load model weights of ``found`` into run.chunks; return this rank's file state (the
+    optimizer is loaded by ``restore_training_state`` once it exists)."""
+    cfg = run.cfg
+    if (found.tp, found.pp) != (cfg.tp, cfg.pp):
+        raise ValueError(f"{found.path}: saved with TP={found.tp} PP={found.pp}; this run has "
+                         f"TP={cfg.tp} PP={cfg.pp}. Resume with the saved layout (the optimizer "
+                         f"state is sharded by it), or start a new OUTPUT_BASEPATH.")
+    ckpt_lib.load_model_shards(found.root, run.chunks, arch=run.arch,
+                               iteration=found.iteration)
+    f = found.file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    return torch.load(f, map_location="cpu", weights_only=False), f
+
+
+def restore_training_state(run, state: dict, rank_file: str) -> None:
+    subs = _subs(run.optimizer)
+    files = _distrib_files(rank_file, len(subs)) if any(_is_distributed(o) for o in subs) \
+        else None
+    load_optimizer_state(run.optimizer, state["optimizer"], files)
+    run.scheduler.load_state_dict(state["opt_param_scheduler"])
+    rngs = state.get("rng_state") or []
+    if rngs:
+        dp_rank = ps.get_data_parallel_rank()
+        set_rng_state(rngs[dp_rank] if dp_rank < len(rngs) else rngs[0])
