@@ -63,8 +63,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str],
                      add_special_tokens: bool = True) -> List[List[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts),
-                                                         add_special_tokens=add_special_tokens)]
+        # encode_batch_fast skips character offsets (unused here): ~15% faster, same ids
+        enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [e.ids for e in enc(list(texts), add_special_tokens=add_special_tokens)]
 
     def encode_with_offsets(self, texts: Sequence[str]):
         """Encodings (ids + character offsets) of already-templated texts: special-token
