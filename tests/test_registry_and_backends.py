@@ -68,6 +68,8 @@ def test_missing_target_is_loud():
 
 
 def test_cpu_backend_active_and_patches_removable():
+    import megatron.core  # noqa: F401  (megatron-core patches land when it is imported)
+
     import megatron_patch
     from megatron_patch.backends import active_backend, select_backend
     b = active_backend()
@@ -101,6 +103,21 @@ def test_impossible_explicit_choice_fails_clearly():
     assert "BackendUnavailableError" in r.stderr and "torch.cuda.is_available() is False" in r.stderr
     r = _run("import megatron_patch", MEGATRON_PATCH_BACKEND="tpu")
     assert r.returncode != 0 and "choose one of auto, cpu, cuda, npu" in r.stderr
+
+
+def test_megatron_patches_wait_for_megatron_core_import():
+    code = ("import sys, torch, megatron_patch\n"
+            "assert 'megatron.core' not in sys.modules\n"
+            "assert torch.cuda.current_device() == torch.device('cpu')  # torch patch: at once\n"
+            "b = megatron_patch.backend\n"
+            "assert not b.registry.all_applied\n"
+            "from megatron.core.tensor_parallel import random as r\n"
+            "assert b.registry.all_applied\n"
+            "assert r._get_cuda_rng_state is b.registry.get("
+            "'megatron.core.tensor_parallel.random._get_cuda_rng_state').replacement\n"
+            "print('ok')\n")
+    r = _run(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_auto_picks_cpu_here():

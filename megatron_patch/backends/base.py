@@ -26,7 +26,8 @@ class Backend:
         """Register this backend's patches on self.registry (applied by activate())."""
 
     def activate(self) -> None:
-        self.registry.apply()
+        # megatron-core patches land when megatron.core is imported (at once if it already is)
+        self.registry.apply(defer_until_imported=("megatron.core",))
 
     def deactivate(self) -> None:
         self.registry.remove()

@@ -8,6 +8,8 @@ exists is a hard error: megatron-core changed and the patch must be re-checked.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -86,10 +88,22 @@ class PatchRegistry:
     def get(self, target: str) -> Patch:
         return self._patches[target]
 
-    def apply(self) -> None:
-        """Apply every registered patch not yet applied (idempotent)."""
+    def apply(self, defer_until_imported: tuple = ()) -> None:
+        """Apply every registered patch not yet applied (idempotent).
+
+        Patches whose target lies in one of ``defer_until_imported`` (package names, e.g.
+        "megatron.core") are applied the moment that package finishes importing, if it has
+        not been imported yet: tools that never touch megatron-core (the converter without
+        CHECK, data preprocessing) don't pay its multi-second import.
+        """
+        pending = []
         for patch in self._patches.values():
             if patch.applied:
+                continue
+            root = next((pkg for pkg in defer_until_imported
+                         if patch.target == pkg or patch.target.startswith(pkg + ".")), None)
+            if root is not None and root not in sys.modules:
+                pending.append(root)
                 continue
             try:
                 owner, attr, current = resolve(patch.target)
@@ -111,6 +125,8 @@ class PatchRegistry:
                 raw = _MISSING  # inherited: removing our override restores it
             setattr(owner, attr, new)
             patch._owner, patch._original = owner, raw
+        for root in dict.fromkeys(pending):
+            when_imported(root, lambda: self.apply())
 
     def remove(self) -> None:
         """Restore every original, last applied first."""
@@ -127,3 +143,49 @@ class PatchRegistry:
     @property
     def applied(self) -> bool:
         return any(p.applied for p in self._patches.values())
+
+    @property
+    def all_applied(self) -> bool:
+        return all(p.applied for p in self._patches.values())
+
+
+class _PostImportHook:
+    """Meta-path finder that runs callbacks right after ``name`` finishes importing."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.callbacks = []
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # fires once; find the real spec without us
+        _HOOKS.pop(self.name, None)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, callbacks = spec.loader, self.callbacks
+        exec_module = loader.exec_module
+
+        def exec_then_patch(module):
+            exec_module(module)
+            for cb in callbacks:
+                cb()
+
+        loader.exec_module = exec_then_patch
+        return spec
+
+
+_HOOKS: dict = {}
+
+
+def when_imported(name: str, callback) -> None:
+    """Run ``callback()`` now if ``name`` is imported, else right after it is."""
+    if name in sys.modules:
+        callback()
+        return
+    hook = _HOOKS.get(name)
+    if hook is None:
+        hook = _HOOKS[name] = _PostImportHook(name)
+        sys.meta_path.insert(0, hook)
+    hook.callbacks.append(callback)
