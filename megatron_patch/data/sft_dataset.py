@@ -17,8 +17,10 @@ megatron's convention:
                 labels != -100; no further shifting.
 Samples longer than seq_len + 1 tokens are truncated; a sample left without any answer
 token is dropped (counted in ``self.skipped``). ``packing=True`` concatenates consecutive
-samples up to seq_len + 1 tokens per item (attention still spans the whole item; the loss
-never crosses samples because each sample starts with prompt tokens).
+samples up to seq_len + 1 tokens per item and then also returns ``position_ids`` (restarting
+at 0 for each sample) and ``segment_ids`` (the sample of each position): the training step
+turns them into a block-diagonal causal attention mask, so a packed sample sees exactly
+what it would see alone.
 """
 from __future__ import annotations
 
@@ -155,4 +157,15 @@ class SFTDataset(torch.utils.data.Dataset):
         ids = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
         input_ids, targets = make_item(ids, labels, self.seq_len, self.pad_id)
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(targets)}
+        item = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(targets)}
+        if self.packing:
+            # per-sample positions and segment ids, so attention stays inside each sample
+            seg = np.concatenate([np.full(len(p[0]), k, dtype=np.int64) for k, p in enumerate(parts)])
+            pos = np.concatenate([np.arange(len(p[0]), dtype=np.int64) for p in parts])
+            n = min(len(seg), self.seq_len)
+            segment_ids = np.full(self.seq_len, len(parts), dtype=np.int64)  # padding: own segment
+            position_ids = np.arange(self.seq_len, dtype=np.int64)
+            segment_ids[:n], position_ids[:n] = seg[:n], pos[:n]
+            item["segment_ids"] = torch.from_numpy(segment_ids)
+            item["position_ids"] = torch.from_numpy(position_ids)
+        return item

@@ -52,6 +52,8 @@ def sft_sample(item: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
               "position_ids": torch.arange(ids.numel(), dtype=torch.long)}
     if "position_ids" in item:
         sample["position_ids"] = torch.as_tensor(item["position_ids"]).long()
+    if "segment_ids" in item:  # packed samples: forward_step masks attention across them
+        sample["segment_ids"] = torch.as_tensor(item["segment_ids"]).long()
     return sample
 
 

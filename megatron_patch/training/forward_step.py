@@ -22,15 +22,27 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, {"lm loss": reported}
 
 
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] sample index per position -> [b, 1, s, s] bool, True = masked (megatron's
+    convention): causal and only within the same packed sample."""
+    s = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    return ~(same & causal).unsqueeze(1)
+
+
 def forward_step(data_iterator, model):
     """One micro-batch. Batches are dicts: tokens, labels, loss_mask, position_ids [b, s]."""
     batch = next(data_iterator) if data_iterator is not None else None
     dev = next(model.parameters()).device
+    attention_mask = None
     if batch is None:  # middle pipeline stages get activations from p2p, not data
         tokens = position_ids = labels = loss_mask = None
     else:
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         tokens, labels = batch["tokens"], batch["labels"]
         loss_mask, position_ids = batch["loss_mask"], batch["position_ids"]
-    output = model(tokens, position_ids, None, labels=labels)
+        if "segment_ids" in batch:
+            attention_mask = packed_attention_mask(batch["segment_ids"])
+    output = model(tokens, position_ids, attention_mask, labels=labels)
     return output, partial(masked_lm_loss, loss_mask)

@@ -58,7 +58,9 @@ class SDPAttention(MegatronModule):
             v = v.repeat_interleave(rep, dim=1)
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         mask = None
-        if attention_mask is not None and mask_type != AttnMaskType.causal:
+        if attention_mask is not None:
+            # an explicit mask (padding, or packed samples) is honoured for every mask type;
+            # causal types keep their causal part on top of it
             mask = ~attention_mask.bool()  # megatron: True = masked out; SDPA: True = keep
             if causal:
                 sk = k.shape[2]
