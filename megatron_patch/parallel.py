@@ -27,10 +27,14 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # An address is given explicitly rather than written into os.environ: a port left
+        # in MASTER_PORT would be inherited by child processes (tests, launchers) and
+        # collide with the store this process still holds.
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port = os.environ.get("MASTER_PORT") or str(free_port())
         backend.set_device(local_rank)
-        dist.init_process_group(backend.dist_backend, rank=rank, world_size=world,
+        dist.init_process_group(backend.dist_backend, init_method=f"tcp://{addr}:{port}",
+                                rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
