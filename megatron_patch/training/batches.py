@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from megatron_patch.data.sft_encode import IGNORE_INDEX
 
 
 class CyclicShuffled:

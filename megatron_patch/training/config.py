@@ -569,6 +569,8 @@ def plan(cfg: TrainConfig, env) -> dict:
 
 
 def _free_port() -> int:
+    # not megatron_patch.parallel.free_port: this module runs as a stdlib-only script
+    # (the launcher validates arguments without importing torch)
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,7 @@
 """Model chunks wrapped in megatron-core DDP, and the megatron-core optimizer."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from megatron.core import parallel_state
@@ -20,15 +21,9 @@ def build_model_chunks(arch: LlamaArch, config: TransformerConfig, wrap_ddp: boo
     device and wrapped in megatron-core's DistributedDataParallel."""
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = range(vp) if vp else [None]
-    device = active_backend().device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
-    chunks = []
-    for vp_stage in stages:
-        model = build_llama(arch, config, vp_stage=vp_stage).to(device)
-        if config.bf16 or config.fp16:
-            # megatron's Float16Module is only needed for the cast of inputs; params are
-            # already created in params_dtype.
-            pass
-        chunks.append(model)
+    device = active_backend().device(int(os.environ.get("LOCAL_RANK", 0)))
+    # params are created in params_dtype, so no Float16Module wrapper is needed
+    chunks = [build_llama(arch, config, vp_stage=vp_stage).to(device) for vp_stage in stages]
     if not wrap_ddp:
         return chunks
     ddp_config = DistributedDataParallelConfig(

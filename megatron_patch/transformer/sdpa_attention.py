@@ -59,18 +59,14 @@ class SDPAttention(MegatronModule):
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         mask = None
         if attention_mask is not None:
-            # an explicit mask (padding, or packed samples) is honoured for every mask type;
-            # causal types keep their causal part on top of it
+            # an explicit mask (padding, or packed samples) is honoured for every mask type
             mask = ~attention_mask.bool()  # megatron: True = masked out; SDPA: True = keep
-            if causal:
-                sk = k.shape[2]
-                keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-                mask = mask & keep
-                causal = False
-        elif causal and q.shape[2] != k.shape[2]:
-            # decoding with a KV cache: queries are the last sq positions
+        if causal and (mask is not None or q.shape[2] != k.shape[2]):
+            # is_causal cannot combine with a mask, and with a KV cache the sq queries are
+            # the last positions: spell the causal part out (bottom-right aligned)
             sk = k.shape[2]
-            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            mask = keep if mask is None else mask & keep
             causal = False
         p = self.dropout_p if self.training else 0.0
         if p > 0:
