@@ -82,9 +82,13 @@ def _tracker_add(self, name, seed):
 
 # Pipeline p2p: megatron posts send_prev/recv_prev/send_next/recv_next with one tag. With
 # PP=2 (and the interleaved ring) "prev" and "next" are the same peer, and gloo matches
-# messages per (peer, tag) in posting order, so an activation can land in the gradient
-# buffer (seen: wrong losses with VPP). Tag each direction: forward-going messages
-# (send_next/recv_prev) and backward-going ones (send_prev/recv_next) never mix.
+# messages per (peer, tag) in posting order: when one side posts a gradient and an activation
+# in separate calls while the other posts both receives in one call, the activation lands in
+# the gradient buffer (seen: wrong losses with VPP; tests/test_pipeline_p2p_tags.py posts
+# exactly that order). Tag each direction: forward-going messages (send_next/recv_prev) and
+# backward-going ones (send_prev/recv_next) never mix.
+# megatron-core's P2PCommunicator passes GLOBAL ranks (dist.get_global_rank of the pipeline
+# peers), as isend/irecv expect: pass them through unchanged.
 _TAG_FWD, _TAG_BWD = 1, 2
 
 
@@ -92,15 +96,14 @@ def _tagged_p2p(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_
                 group, prev_pipeline_rank, next_pipeline_rank):
     import torch.distributed as dist
     reqs = {}
-    g = lambda r: dist.get_global_rank(group, r)  # noqa: E731  (isend takes global ranks)
     if tensor_send_next is not None:
-        reqs["send_next"] = dist.isend(tensor_send_next, g(next_pipeline_rank), group, tag=_TAG_FWD)
+        reqs["send_next"] = dist.isend(tensor_send_next, next_pipeline_rank, group, tag=_TAG_FWD)
     if tensor_recv_prev is not None:
-        reqs["recv_prev"] = dist.irecv(tensor_recv_prev, g(prev_pipeline_rank), group, tag=_TAG_FWD)
+        reqs["recv_prev"] = dist.irecv(tensor_recv_prev, prev_pipeline_rank, group, tag=_TAG_FWD)
     if tensor_send_prev is not None:
-        reqs["send_prev"] = dist.isend(tensor_send_prev, g(prev_pipeline_rank), group, tag=_TAG_BWD)
+        reqs["send_prev"] = dist.isend(tensor_send_prev, prev_pipeline_rank, group, tag=_TAG_BWD)
     if tensor_recv_next is not None:
-        reqs["recv_next"] = dist.irecv(tensor_recv_next, g(next_pipeline_rank), group, tag=_TAG_BWD)
+        reqs["recv_next"] = dist.irecv(tensor_recv_next, next_pipeline_rank, group, tag=_TAG_BWD)
     return reqs
 
 
