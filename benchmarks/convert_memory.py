@@ -43,7 +43,7 @@ def generate(arch, path: str, shard_bytes: int = 5 * 10**9) -> int:
     """Random bf16 weights in HF layout, streamed one tensor at a time into the shards."""
     import torch
 
-    from megatron_patch.conversion import mapping
+    from megatron_patch.models.llama import mapping
     from megatron_patch.conversion.hf_files import SafetensorsStreamWriter
     os.makedirs(path)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -103,7 +103,7 @@ def _generate_main(size: str, path: str) -> int:
 
 
 def _estimate_main(size: str) -> int:
-    from megatron_patch.conversion import mapping
+    from megatron_patch.models.llama import mapping
     print(json.dumps({"bytes": 2 * sum(_numel(s) for _, s in mapping.hf_tensor_plan(shapes()[size]))}))
     return 0
 

@@ -10,7 +10,7 @@ import torch
 
 from megatron_patch import checkpoint as ck
 from megatron_patch.checkpoint.torch_file import Opaque
-from megatron_patch.conversion import mapping
+from megatron_patch.models.llama import mapping
 from megatron_patch.conversion.synthetic import random_hf_state, small_arch
 
 

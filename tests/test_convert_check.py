@@ -83,7 +83,7 @@ def test_hf2mcore_check_then_mg2hf_loads_in_transformers(tmp_path, hf_model_dir,
 
 
 def test_converted_file_loads_strictly_into_local_spec_model(tmp_path, hf_model_dir, capsys):
-    from megatron_patch.conversion import mapping
+    from megatron_patch.models.llama import mapping
     from megatron_patch.conversion.check import build_mcore
     from megatron_patch.models.llama.arch import LlamaArch
     mc = tmp_path / "mc"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from megatron_patch import checkpoint as ck
 from megatron_patch.checkpoint.load import FileSource
-from megatron_patch.conversion import mapping
+from megatron_patch.models.llama import mapping
 from megatron_patch.conversion.hf2mcore import FileSink, hf_to_mcore, validate_hf
 from megatron_patch.conversion.hf_files import HFCheckpoint, SafetensorsStreamWriter
 from megatron_patch.conversion.mcore2hf import mcore_to_hf

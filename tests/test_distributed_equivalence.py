@@ -30,7 +30,7 @@ def _step(rank, world, cases):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_patch import parallel
-    from megatron_patch.conversion import mapping
+    from megatron_patch.models.llama import mapping
     from megatron_patch.models.llama import ParallelSettings, transformer_config
     from megatron_patch.training.forward_step import forward_step
     from megatron_patch.training.model_setup import build_model_chunks, build_optimizer
@@ -84,7 +84,7 @@ def _step(rank, world, cases):
 
 def _merge(results, name, key, arch, tp, pp):
     """Per-rank, per-chunk mcore tensors -> HF names (through the mapping table)."""
-    from megatron_patch.conversion import mapping
+    from megatron_patch.models.llama import mapping
     merged = {}
     for r in results:
         e = r[name]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama_fixtures import hf_model
-from megatron_patch.conversion import mapping
+from megatron_patch.models.llama import mapping
 from megatron_patch.models.llama import get_preset, transformer_config
 from megatron_patch.models.llama.provider import build_llama
 

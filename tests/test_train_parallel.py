@@ -49,11 +49,12 @@ def _reference(rank, world, root, out):
     from transformers import LlamaForCausalLM
 
     from train_helpers import World
-    from megatron_patch.training.loop import build_data, train
+    from megatron_patch.training.data_setup import build_data
+    from megatron_patch.training.loop import train
     w = World(root)
     cfg = _cfg(w, os.path.join(out, "ref"))
     run = train(cfg, log_to_file=False)
-    train_ds, _, _, _ = build_data(cfg, run.arch, 1, 0, 0)
+    train_ds, _, _, _ = build_data(cfg, run.arch)
     batch = torch.stack([train_ds[i]["tokens"] for i in range(GBS)])
     labels = torch.stack([train_ds[i]["labels"] for i in range(GBS)])
     hf = LlamaForCausalLM.from_pretrained(w.hf, torch_dtype=torch.float32).eval()

@@ -52,7 +52,7 @@ def _small_arch():
 def write_release_checkpoint(hf_model, arch, dest: str, tokenizer_dir: str = None) -> str:
     """HF model -> Megatron release checkpoint (TP=1, PP=1) + config.json (+ tokenizer)."""
     from megatron_patch import checkpoint as ck
-    from megatron_patch.conversion import mapping
+    from megatron_patch.models.llama import mapping
     sd = mapping.hf_to_mcore_state(hf_model.state_dict(), arch, 1, 0,
                                    list(range(arch.num_layers)), True, True)
     os.makedirs(dest, exist_ok=True)

@@ -39,5 +39,5 @@ class Backend:
         pass
 
     def block_spec(self, config, vp_stage=None):
-        from megatron_patch.models.llama.layer_spec import local_block_spec
+        from megatron_patch.backends.layer_specs import local_block_spec
         return local_block_spec(config, vp_stage)

@@ -14,8 +14,6 @@ results against the definitions, so nothing needs emulating.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .base import Backend

@@ -36,7 +36,7 @@ class CudaBackend(Backend):
         torch.cuda.set_device(local_rank)
 
     def block_spec(self, config, vp_stage=None):
-        from megatron_patch.models.llama import layer_spec
+        from megatron_patch.backends import layer_specs as layer_spec
         if te_available():
             return layer_spec.te_block_spec(config, vp_stage)
         return layer_spec.local_block_spec(config, vp_stage)

@@ -97,7 +97,7 @@ class NpuBackend(Backend):
         torch.npu.set_device(local_rank)
 
     def block_spec(self, config, vp_stage=None):
-        from megatron_patch.models.llama.layer_spec import local_block_spec
+        from megatron_patch.backends.layer_specs import local_block_spec
         from megatron_patch.transformer.npu_ops import NpuFusedAttention
         _enable_fused_swiglu(config)
         return local_block_spec(config, vp_stage, attention_cls=NpuFusedAttention)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron_patch.conversion import mapping
+from megatron_patch.models.llama import mapping
 from megatron_patch.models.llama.arch import LlamaArch
 
 from .layout import CheckpointDir, Iteration, find_checkpoint

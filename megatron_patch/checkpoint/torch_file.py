@@ -139,7 +139,7 @@ class StreamingTorchWriter:
     """``w = StreamingTorchWriter(path); st = w.add(tensor); ...; w.close({"model": {..: st}})``.
 
     Each ``add`` writes the tensor's bytes to disk immediately, so the caller can drop it;
-    ``add_bytes`` / ``add_segments`` take the bytes from other files instead.
+    ``add_bytes`` takes the bytes from other files instead.
     Like torch.save with ``compute_crc32=False``, tensor records carry no CRC-32 (computing
     it costs more CPU than the copy; torch.load does not verify it)."""
 
@@ -184,10 +184,6 @@ class StreamingTorchWriter:
         self._zip.end()
         self.nbytes += nbytes
         return StoredTensor(_StorageRef(key, dtype, numel), tuple(shape))
-
-    def add_segments(self, dtype: torch.dtype, shape: tuple, segments) -> StoredTensor:
-        """``add_bytes`` from segments [(src_fd or None for zeros, offset, nbytes)]."""
-        return self.add_bytes(dtype, shape, fileio.Segments(segments))
 
     def close(self, obj: Any) -> None:
         buf = io.BytesIO()

@@ -18,7 +18,7 @@ from megatron_patch.checkpoint.load import (FileSource, MemorySource, checkpoint
                                             chunk_layout, reshard_state)
 from megatron_patch.models.llama.arch import LlamaArch
 
-from . import mapping
+from megatron_patch.models.llama import mapping
 from .errors import UsageError
 from .hf2mcore import FileSink, MemorySink, hf_to_mcore, validate_hf
 from .hf_files import HFCheckpoint, SafetensorsStreamWriter, copy_side_files

@@ -15,7 +15,7 @@ from megatron_patch.checkpoint import StreamingTorchWriter, checkpoint_file, che
 from megatron_patch.checkpoint.load import chunk_layout, stage_rules
 from megatron_patch.models.llama.arch import LlamaArch
 
-from . import mapping
+from megatron_patch.models.llama import mapping
 from .hf_files import HFCheckpoint
 from .rowcopy import plan_blocks
 

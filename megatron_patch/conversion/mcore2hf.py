@@ -10,7 +10,7 @@ from megatron_patch.checkpoint.load import StateSource, merge_full, saved_layout
 from megatron_patch.checkpoint.torch_file import LazyTensor, materialize
 from megatron_patch.models.llama.arch import LlamaArch
 
-from . import mapping
+from megatron_patch.models.llama import mapping
 from .rowcopy import Located, plan_blocks
 
 

@@ -12,7 +12,7 @@ import torch
 from megatron_patch.models.llama.arch import LlamaArch
 from megatron_patch.models.llama.presets import get_preset
 
-from . import mapping
+from megatron_patch.models.llama import mapping
 from .hf_files import SafetensorsStreamWriter
 
 

@@ -88,7 +88,7 @@ def model_from_hf_state(hf_state: dict, arch: LlamaArch, precision: str = "fp32"
     from megatron.core import parallel_state
 
     from megatron_patch.checkpoint import load_into
-    from megatron_patch.conversion import mapping
+    from megatron_patch.models.llama import mapping
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()

@@ -35,7 +35,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from megatron_patch import checkpoint as ckpt_lib
-from megatron_patch.conversion import mapping
+from megatron_patch.models.llama import mapping
 
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
 
@@ -243,7 +243,7 @@ def write_companions(run) -> None:
         with open(tmp, "w") as f:
             json.dump(run.arch.to_hf_config(), f, indent=2)
         os.replace(tmp, cfg_path)
-    from megatron_patch.training.loop import tokenizer_dir
+    from megatron_patch.training.data_setup import tokenizer_dir
     try:
         src = tokenizer_dir(run.cfg)
     except ValueError:

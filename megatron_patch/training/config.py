@@ -179,7 +179,7 @@ def _split_paths(name: str, value: str) -> List[str]:
     return parts
 
 
-def _blend(parts: List[str]) -> Tuple[List[str], Optional[List[float]]]:
+def parse_blend(parts: List[str]) -> Tuple[List[str], Optional[List[float]]]:
     """(paths, weights or None) from Megatron's blend syntax."""
     def num(s):
         try:
@@ -190,10 +190,6 @@ def _blend(parts: List[str]) -> Tuple[List[str], Optional[List[float]]]:
     if len(parts) > 1 and len(parts) % 2 == 0 and all(num(p) for p in parts[0::2]):
         return parts[1::2], [float(w) for w in parts[0::2]]
     return parts, None
-
-
-def blend(cfg_paths: List[str]) -> Tuple[List[str], Optional[List[float]]]:
-    return _blend(cfg_paths)
 
 
 def _check_prefix(name: str, prefix: str) -> None:
@@ -210,7 +206,7 @@ def _check_prefix(name: str, prefix: str) -> None:
 def _check_data(name: str, parts: List[str], kind: str) -> None:
     """kind: pretrain (<prefix>.bin/.idx), idxmap (SFT idxmap prefix), raw (json/jsonl/
     parquet file, directory or glob)."""
-    paths, weights = _blend(parts)
+    paths, weights = parse_blend(parts)
     if weights is not None and any(w < 0 for w in weights):
         raise _err(name, " ".join(parts), "blend weights must be >= 0")
     if kind != "pretrain" and len(paths) > 1:

@@ -35,10 +35,6 @@ class LlamaArch:
                                  "config.json must give head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads
 
-    @property
-    def kv_channels(self) -> int:
-        return self.head_dim
-
     def padded_vocab_size(self, tp: int = 1, divisible_by: int = 128) -> int:
         """Megatron's --make-vocab-size-divisible-by padding: multiple of divisible_by * TP."""
         multiple = divisible_by * tp

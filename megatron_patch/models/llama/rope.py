@@ -1,10 +1,13 @@
-"""Rotary inverse frequencies exactly as transformers computes them for Llama
-(default, linear and llama3 rope types), so megatron-core's rotary module can use them."""
+"""Rotary inverse frequencies for Llama exactly as transformers computes them (default,
+linear and llama3 rope types), with the config's own numbers, for megatron-core's rotary
+module. megatron-core's ``RotaryEmbedding`` only applies llama3 scaling with a configurable
+``factor`` (the other three numbers fixed at Llama-3.1's); its ``_apply_scaling`` does take
+all four, so the llama3 case calls it with the config's values.
+"""
 from __future__ import annotations
 
-import math
-
 import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from .arch import LlamaArch
 
@@ -20,20 +23,11 @@ def inv_freq(arch: LlamaArch, device=None) -> torch.Tensor:
     if kind == "linear":
         return freqs / float(scaling["factor"])
     if kind == "llama3":
-        return _llama3(freqs, float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
-                       float(scaling.get("high_freq_factor", 4.0)),
-                       float(scaling.get("original_max_position_embeddings", 8192)))
+        # _apply_scaling reads nothing from self (megatron-core 0.16.1)
+        return RotaryEmbedding._apply_scaling(
+            None, freqs, factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=float(
+                scaling.get("original_max_position_embeddings", 8192)))
     raise ValueError(f"unsupported rope_type {kind!r}")
-
-
-def _llama3(freqs, factor, low_freq_factor, high_freq_factor, old_ctx):
-    # Llama-3.1: long wavelengths are divided by `factor`, short ones kept, the band between
-    # interpolated smoothly (Meta's reference, same formula as transformers' llama3 rope).
-    low_freq_wavelen = old_ctx / low_freq_factor
-    high_freq_wavelen = old_ctx / high_freq_factor
-    wavelen = 2 * math.pi / freqs
-    scaled = torch.where(wavelen > low_freq_wavelen, freqs / factor, freqs)
-    smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-    return torch.where(medium, smoothed, scaled)

@@ -220,17 +220,6 @@ def stage_to_hf_state(tp_sds: Sequence[dict], arch: LlamaArch, layers: Sequence[
     return out
 
 
-def mcore_to_hf_state(shards_by_stage: Sequence[Sequence[dict]], arch: LlamaArch,
-                      layers_by_stage: Sequence[Sequence[int]]) -> dict:
-    """Inverse of hf_to_mcore_state: ``shards_by_stage[stage][tp_rank]`` state dicts."""
-    out = {}
-    n = len(shards_by_stage)
-    for s, tp_sds in enumerate(shards_by_stage):
-        out.update(stage_to_hf_state(tp_sds, arch, layers_by_stage[s], s == 0, s == n - 1))
-    return out
-
-
-
 def hf_tensor_plan(arch: LlamaArch) -> list:
     """[(HF name, shape)] of every tensor of the HF model, in the order the rules produce
     them (embedding, layer 0 ... layer L-1, final norm, lm_head)."""
