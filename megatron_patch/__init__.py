@@ -1,6 +1,11 @@
 """megatron_patch: the Llama family on NVIDIA megatron-core.
 
-Importing selects and activates the device backend (MEGATRON_PATCH_BACKEND=auto|cpu|cuda|npu).
+Importing megatron_patch selects and activates the device backend
+(MEGATRON_PATCH_BACKEND=auto|cpu|cuda|npu): at once when torch is already imported, else
+the moment torch is imported, before any of our torch code runs. So the parts that never
+touch torch -- the launcher's argument check and launch plan, shape presets -- import in
+milliseconds, and every torch user still runs on the chosen backend. A backend name that
+does not exist is refused here at once.
 """
 from __future__ import annotations
 
@@ -22,8 +27,17 @@ def _check_megatron_core() -> None:
 
 _check_megatron_core()
 
-from .backends import active_backend, select_backend  # noqa: E402
+from .backends import active_backend, requested_choice, select_backend  # noqa: E402
+from .backends.registry import when_imported  # noqa: E402
 
-backend = select_backend()
+requested_choice()  # an unknown backend name is an error at import
+when_imported("torch", select_backend)
+
+
+def __getattr__(name):
+    if name == "backend":  # the active backend (selected now if torch was not imported yet)
+        return active_backend()
+    raise AttributeError(f"module 'megatron_patch' has no attribute {name!r}")
+
 
 __all__ = ["backend", "active_backend", "select_backend", "SUPPORTED_MEGATRON_CORE"]

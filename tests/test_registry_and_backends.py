@@ -98,9 +98,15 @@ def _run(code, **env):
 
 
 def test_impossible_explicit_choice_fails_clearly():
+    # the backend is chosen as soon as megatron_patch and torch are both imported, in
+    # either order
+    for code in ("import megatron_patch, torch", "import torch, megatron_patch"):
+        r = _run(code, MEGATRON_PATCH_BACKEND="cuda")
+        assert r.returncode != 0, code
+        assert "BackendUnavailableError" in r.stderr and \
+            "torch.cuda.is_available() is False" in r.stderr
     r = _run("import megatron_patch", MEGATRON_PATCH_BACKEND="cuda")
-    assert r.returncode != 0
-    assert "BackendUnavailableError" in r.stderr and "torch.cuda.is_available() is False" in r.stderr
+    assert r.returncode == 0  # no torch yet: nothing to run on, nothing chosen
     r = _run("import megatron_patch", MEGATRON_PATCH_BACKEND="tpu")
     assert r.returncode != 0 and "choose one of auto, cpu, cuda, npu" in r.stderr
 
@@ -115,6 +121,24 @@ def test_megatron_patches_wait_for_megatron_core_import():
             "assert b.registry.all_applied\n"
             "assert r._get_cuda_rng_state is b.registry.get("
             "'megatron.core.tensor_parallel.random._get_cuda_rng_state').replacement\n"
+            "print('ok')\n")
+    r = _run(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_import_without_torch_is_light():
+    """The launcher's plan and the shape tools import megatron_patch without torch; the
+    backend is active the moment torch arrives, before any torch code of ours runs."""
+    code = ("import sys, megatron_patch\n"
+            "from megatron_patch.training import launch_plan\n"
+            "from megatron_patch.models.llama import resolve, parallel_layout\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "from megatron_patch.backends import _active\n"
+            "assert _active is None\n"
+            "import torch\n"
+            "from megatron_patch import backends\n"
+            "assert backends._active is not None and backends._active.name == 'cpu'\n"
+            "assert torch.cuda.current_device() == torch.device('cpu')\n"
             "print('ok')\n")
     r = _run(code)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

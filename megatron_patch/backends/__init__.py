@@ -29,10 +29,17 @@ def _classes():
 _active: Optional[Backend] = None
 
 
-def resolve_choice(choice: Optional[str] = None) -> str:
+def requested_choice(choice: Optional[str] = None) -> str:
+    """The backend asked for (argument, else MEGATRON_PATCH_BACKEND, else auto), validated
+    by name only (no torch import)."""
     choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
     if choice not in CHOICES:
         raise BackendUnavailableError(f"{ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
+    return choice
+
+
+def resolve_choice(choice: Optional[str] = None) -> str:
+    choice = requested_choice(choice)
     classes = _classes()
     if choice == "auto":
         for name in ("npu", "cuda"):
@@ -47,6 +54,9 @@ def resolve_choice(choice: Optional[str] = None) -> str:
 def select_backend(choice: Optional[str] = None) -> Backend:
     """Activate the chosen backend once; later calls return it (idempotent)."""
     global _active
+    # Importing torch first: when torch is not imported yet, megatron_patch's import hook
+    # selects the backend inside this import, and the checks below see it.
+    import torch  # noqa: F401
     name = resolve_choice(choice)
     if _active is not None:
         if _active.name != name:
@@ -73,4 +83,5 @@ def reset_backend() -> None:
 
 
 __all__ = ["Backend", "PatchRegistry", "PatchTargetError", "BackendUnavailableError",
-           "select_backend", "active_backend", "reset_backend", "resolve_choice"]
+           "select_backend", "active_backend", "reset_backend", "resolve_choice",
+           "requested_choice"]

@@ -1,8 +1,6 @@
 """What every device backend provides."""
 from __future__ import annotations
 
-import torch
-
 from .registry import PatchRegistry
 
 
@@ -32,7 +30,8 @@ class Backend:
     def deactivate(self) -> None:
         self.registry.remove()
 
-    def device(self, local_rank: int = 0) -> torch.device:
+    def device(self, local_rank: int = 0):
+        import torch
         return torch.device("cpu")
 
     def set_device(self, local_rank: int) -> None:
@@ -41,3 +40,17 @@ class Backend:
     def block_spec(self, config, vp_stage=None):
         from megatron_patch.backends.layer_specs import local_block_spec
         return local_block_spec(config, vp_stage)
+
+    def training_overrides(self, flash_attn: bool, precision: str) -> dict:
+        """TransformerConfig fields this backend sets for a training run: kernel choices
+        (FL) and the fp8 recipe (PR=fp8). fp8 needs Transformer Engine: without it
+        megatron-core's fp8 context is a silent no-op, so refuse rather than run in bf16."""
+        if precision != "fp8":
+            return {}
+        from megatron_patch.backends.cuda import te_available
+        if not te_available():
+            raise ValueError("PR='fp8' needs Transformer Engine on CUDA (not importable here); "
+                             "use bf16")
+        # Pai's settings: hybrid format (E4M3 forward, E5M2 backward), delayed scaling
+        return dict(fp8="hybrid", fp8_margin=0, fp8_amax_history_len=1024,
+                    fp8_amax_compute_algo="max")
