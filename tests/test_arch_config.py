@@ -6,7 +6,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from megatron_patch.models.llama import LlamaArch, get_preset, transformer_config
+from megatron_patch.models.llama import LlamaArch, get_preset
+from megatron_patch.models.llama.config import ParallelSettings, transformer_config
 from megatron_patch.models.llama import rope
 
 META_31_8B = {  # the published meta-llama/Llama-3.1-8B config.json (transformers 4.x keys)
@@ -81,5 +82,4 @@ def test_bad_configs_fail_clearly():
     with pytest.raises(ValueError, match="rope scaling type 'yarn'"):
         LlamaArch.from_hf_config(dict(META_31_8B, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(ValueError, match="TP=3"):
-        transformer_config(get_preset("llama3", "8B"), __import__(
-            "megatron_patch.models.llama", fromlist=["ParallelSettings"]).ParallelSettings(tp=3))
+        transformer_config(get_preset("llama3", "8B"), ParallelSettings(tp=3))

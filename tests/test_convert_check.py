@@ -170,11 +170,11 @@ def test_bad_inputs_one_error_no_target(tmp_path, hf_model_dir, capsys, case):
     shutil.copytree(hf_model_dir, src)
     target = tmp_path / "target"
     argv = ["auto", src, target, 1, 1, "false", "true", "false", "fp32"]
-    expect = {"tp_groups": "TP=4 does not divide the 2 query groups",
-              "size_mismatch": "MODEL_SIZE=llama3_1-8B disagrees with config.json",
+    expect = {"tp_groups": "TP=4 is not valid: must divide the model's 2 key/value heads",
+              "size_mismatch": "MODEL_SIZE=llama3_1-8B disagrees with",
               "missing_weights": "no model weights", "missing_shard": "which is missing",
               "fp9": "PR='fp9'", "arg_count": "expected 9 or 10 arguments",
-              "pp_layers": "do not split evenly over PP=3"}[case]
+              "pp_layers": "PP=3 is not valid: must divide the model's 4 layers"}[case]
     if case == "tp_groups":
         argv[3] = 4
     elif case == "size_mismatch":

@@ -24,7 +24,7 @@ def _logits_at_layout(ckpts, tp, pp, ids):
 
     from megatron_patch import parallel
     from megatron_patch.checkpoint import checkpoint_arch, find_checkpoint, load_model_shards
-    from megatron_patch.models.llama import ParallelSettings, transformer_config
+    from megatron_patch.models.llama.config import ParallelSettings, transformer_config
     from megatron_patch.models.llama.provider import build_llama
 
     parallel.initialize_model_parallel(tp, pp)

@@ -31,7 +31,7 @@ def _step(rank, world, cases):
 
     from megatron_patch import parallel
     from megatron_patch.models.llama import mapping
-    from megatron_patch.models.llama import ParallelSettings, transformer_config
+    from megatron_patch.models.llama.config import ParallelSettings, transformer_config
     from megatron_patch.training.forward_step import forward_step
     from megatron_patch.training.model_setup import build_model_chunks, build_optimizer
 

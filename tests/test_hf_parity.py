@@ -5,7 +5,8 @@ import torch
 
 from llama_fixtures import hf_model
 from megatron_patch.models.llama import mapping
-from megatron_patch.models.llama import get_preset, transformer_config
+from megatron_patch.models.llama import get_preset
+from megatron_patch.models.llama.config import transformer_config
 from megatron_patch.models.llama.provider import build_llama
 
 TOL = 1e-4

@@ -4,7 +4,7 @@ import torch
 
 from llama_fixtures import hf_model, small_arch
 from megatron_patch.models.llama import mapping
-from megatron_patch.models.llama import transformer_config
+from megatron_patch.models.llama.config import transformer_config
 from megatron_patch.models.llama.provider import build_llama
 from megatron_patch.training.forward_step import forward_step, packed_attention_mask
 

@@ -157,7 +157,7 @@ def test_micro_batch_order_is_layout_independent_and_resumable():
 def test_sft_loss_only_on_answer_tokens(mp1):
     """A hand-built SFT batch: the loss equals cross-entropy over the answer positions only,
     computed here from the model's logits; prompt targets do not change it."""
-    from megatron_patch.models.llama import ParallelSettings, transformer_config
+    from megatron_patch.models.llama.config import ParallelSettings, transformer_config
     from megatron_patch.models.llama.provider import build_llama
     from megatron_patch.training.batches import collate, sft_sample
     from megatron_patch.training.forward_step import forward_step

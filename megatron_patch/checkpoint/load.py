@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from megatron_patch.models.llama import mapping
+from megatron_patch.models.llama.parallel_layout import check_layout
 from megatron_patch.models.llama.arch import LlamaArch
 
 from .layout import CheckpointDir, Iteration, find_checkpoint
@@ -193,7 +194,7 @@ def reshard_state(source: StateSource, arch: LlamaArch, tp: int, pp: int, tp_ran
     if layout.num_layers != arch.num_layers:
         raise ValueError(f"checkpoint has {layout.num_layers} layers, the model "
                          f"{arch.num_layers}")
-    mapping.check_tp(arch, tp)
+    check_layout(arch, tp=tp)
     targets = chunk_layout(arch.num_layers, pp, pp_rank, vp, pp0_layers)
     same = (tp, pp, vp or 1) == (layout.tp, layout.pp, layout.vp) and all(
         layers == layout.chunk_layers(pp_rank, v) for v, (layers, _, _) in enumerate(targets))

@@ -15,15 +15,16 @@ import torch
 from megatron_patch.checkpoint import (begin_save, commit_save, find_checkpoint,
                                        load_model_state, make_args)
 from megatron_patch.checkpoint.load import (FileSource, MemorySource, checkpoint_arch,
-                                            chunk_layout, reshard_state)
-from megatron_patch.models.llama.arch import LlamaArch
-
+                                            reshard_state)
 from megatron_patch.models.llama import mapping
+from megatron_patch.models.llama.arch import LlamaArch
+from megatron_patch.models.llama.parallel_layout import LayoutError, check_layout
+from megatron_patch.models.llama.resolve import ArchError, arch_differences, resolve_arch
+
 from .errors import UsageError
 from .hf2mcore import FileSink, MemorySink, hf_to_mcore, validate_hf
 from .hf_files import HFCheckpoint, SafetensorsStreamWriter, copy_side_files
 from .mcore2hf import MemoryHFWriter, mcore_to_hf
-from .model_size import arch_differences, resolve_arch
 from .target import check_target, make_staging, publish
 
 # (not models.llama.config.DTYPES: that module imports megatron-core, which a conversion
@@ -36,15 +37,10 @@ def _progress() -> bool:
 
 
 def _layout_checks(arch, tp: int, pp: int, pp0) -> None:
-    if arch.num_key_value_heads % tp:
-        raise UsageError(f"TP={tp} does not divide the {arch.num_key_value_heads} query groups "
-                         f"(num_key_value_heads) of this model")
     try:
-        mapping.check_tp(arch, tp)
-        for p in range(pp):
-            chunk_layout(arch.num_layers, pp, p, None, pp0)
-    except ValueError as e:
-        raise UsageError(f"TP={tp} PP={pp}: {e}") from None
+        check_layout(arch, tp=tp, pp=pp, pp0_layers=pp0)
+    except LayoutError as e:
+        raise UsageError(str(e)) from None
 
 
 def _run_check(hf_model, state, arch, precision, tokenizer_dir) -> bool:
@@ -77,7 +73,11 @@ def run_hf2mcore(req) -> int:
     src = req.source
     if not os.path.isdir(src):
         raise UsageError(f"SOURCE_CKPT_PATH={src}: not a directory")
-    arch = resolve_arch(req.model_size, os.path.join(src, "config.json"))
+    try:
+        has_cfg = os.path.isfile(os.path.join(src, "config.json"))
+        arch = resolve_arch(req.model_size, hf_config=src if has_cfg else None)
+    except ArchError as e:
+        raise UsageError(str(e)) from None
     _layout_checks(arch, req.tp, req.pp, req.pp0_layers)
     hf = HFCheckpoint(src)
     try:
@@ -170,7 +170,7 @@ def _mcore_arch(req, ckpt, source) -> LlamaArch:
             raise UsageError(f"HF_CKPT_PATH config.json disagrees with the checkpoint: "
                              f"{'; '.join(diffs)} (checkpoint vs config)")
     if req.model_size != "auto":
-        diffs = arch_differences(resolve_arch(req.model_size, None), arch)
+        diffs = arch_differences(resolve_arch(req.model_size), arch)
         if diffs:
             raise UsageError(f"MODEL_SIZE={req.model_size} disagrees with the checkpoint "
                              f"{ckpt.path}: {'; '.join(diffs)} (preset vs checkpoint)")

@@ -16,6 +16,7 @@ from megatron_patch.checkpoint.load import chunk_layout, stage_rules
 from megatron_patch.models.llama.arch import LlamaArch
 
 from megatron_patch.models.llama import mapping
+from megatron_patch.models.llama.parallel_layout import check_layout
 from .hf_files import HFCheckpoint
 from .rowcopy import plan_blocks
 
@@ -116,7 +117,7 @@ class _MemoryRank:
 def hf_to_mcore(hf: HFCheckpoint, arch: LlamaArch, tp: int, pp: int, dtype: torch.dtype,
                 sink, pp0_layers: Optional[int] = None, progress: bool = True,
                 byte_copy: bool = True) -> None:
-    mapping.check_tp(arch, tp)
+    check_layout(arch, tp=tp)
     plan = stage_plan(arch, pp, pp0_layers)
     padded = arch.padded_vocab_size(tp)
     byte_copy = byte_copy and getattr(sink, "byte_copy", True)

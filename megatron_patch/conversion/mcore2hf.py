@@ -11,6 +11,7 @@ from megatron_patch.checkpoint.torch_file import LazyTensor, materialize
 from megatron_patch.models.llama.arch import LlamaArch
 
 from megatron_patch.models.llama import mapping
+from megatron_patch.models.llama.parallel_layout import check_layout
 from .rowcopy import Located, plan_blocks
 
 
@@ -38,7 +39,7 @@ def mcore_to_hf(source: StateSource, arch: LlamaArch, writer, progress: bool = T
     if layout.num_layers != arch.num_layers:
         raise ValueError(f"the checkpoint holds {layout.num_layers} layers, the model has "
                          f"{arch.num_layers}")
-    mapping.check_tp(arch, layout.tp)
+    check_layout(arch, tp=layout.tp)
     rules = mapping.rules_for(arch)
     order = [(r, None) for r in rules if r.stage == "first"]
     order += [(r, i) for i in range(arch.num_layers) for r in rules if r.stage == "layer"]

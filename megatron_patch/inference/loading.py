@@ -11,6 +11,8 @@ import os
 from typing import Optional
 
 from megatron_patch.models.llama.arch import LlamaArch
+from megatron_patch.models.llama.resolve import ArchError
+from megatron_patch.models.llama.resolve import resolve_arch as shared_resolve_arch
 
 
 class CheckpointError(FileNotFoundError):
@@ -36,22 +38,17 @@ def find_checkpoint(load: str):
 
 def resolve_arch(load: Optional[str] = None, hf_config: Optional[str] = None,
                  model_size: Optional[str] = None) -> LlamaArch:
-    if model_size:
-        from megatron_patch.models.llama.presets import get_preset, parse_model_size
-        return get_preset(*parse_model_size(model_size))
-    if hf_config:
-        path = os.path.join(hf_config, "config.json") if os.path.isdir(hf_config) else hf_config
-        if not os.path.isfile(path):
-            raise CheckpointError(f"hf_config {hf_config}: no config.json there")
-        return LlamaArch.from_hf_config(path)
-    from megatron_patch.checkpoint import checkpoint_arch
-    arch = checkpoint_arch(find_checkpoint(load))
-    if arch is None:
-        raise CheckpointError(
-            f"cannot tell the model architecture of {load}: no megatron_patch args in the "
-            "checkpoint and no config.json next to it; pass hf_config=<HF folder or "
-            "config.json> or model_size=<e.g. llama3_1-8B>")
-    return arch
+    """The model to build (models.llama.resolve: a preset, an HF config.json, or the
+    config.json next to the checkpoint; a preset must agree with the config)."""
+    if load and not hf_config:
+        find_checkpoint(load)  # a wrong path is a CheckpointError before anything else
+    try:
+        return shared_resolve_arch(model_size, hf_config=hf_config, checkpoint=load,
+                                   size_name="model_size")
+    except ArchError as e:
+        raise CheckpointError(f"cannot tell the model architecture: {e}; pass hf_config="
+                              "<HF folder or config.json> or model_size=<e.g. llama3_1-8B>") \
+            from None
 
 
 def build_model(arch: LlamaArch, precision: str = "fp32"):

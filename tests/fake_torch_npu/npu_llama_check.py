@@ -30,7 +30,8 @@ def main(inp: str, out: str) -> None:
     import megatron_patch
     from megatron_patch import parallel
     from megatron_patch.models.llama import mapping
-    from megatron_patch.models.llama import get_preset, transformer_config
+    from megatron_patch.models.llama import get_preset
+    from megatron_patch.models.llama.config import transformer_config
     from megatron_patch.backends.layer_specs import local_block_spec
     from megatron_patch.models.llama.provider import build_llama
 

@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_patch.models.llama.arch import LlamaArch
+from .arch import LlamaArch
+from .parallel_layout import stage_layer_counts
 
 
 @dataclass(frozen=True)
@@ -141,41 +142,15 @@ def merge(rule: Rule, shards: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(shards), dim=rule.tp_dim)
 
 
-def check_tp(arch: LlamaArch, tp: int) -> None:
-    problems = []
-    if arch.num_key_value_heads % tp:
-        problems.append(f"num_key_value_heads={arch.num_key_value_heads}")
-    if arch.num_attention_heads % tp:
-        problems.append(f"num_attention_heads={arch.num_attention_heads}")
-    if arch.ffn_hidden_size % tp:
-        problems.append(f"ffn_hidden_size={arch.ffn_hidden_size}")
-    if problems:
-        raise ValueError(f"TP={tp} does not divide {', '.join(problems)}")
-
-
 # ---- pipeline parallel ------------------------------------------------------------------
 def stage_layers(num_layers: int, pp: int, pp_rank: int, vp: Optional[int] = None,
                  vp_stage: int = 0, pp0_layers: Optional[int] = None) -> list:
-    """Global layer indices held by (pp_rank, vp_stage), as megatron-core places them."""
-    if pp0_layers is not None and pp > 1:
-        if vp:
-            raise ValueError("an uneven first stage cannot be combined with virtual pipeline")
-        rest = num_layers - pp0_layers
-        if rest % (pp - 1) or pp0_layers < 0:
-            raise ValueError(f"{num_layers} layers, {pp0_layers} on the first stage: the rest "
-                             f"must split evenly over {pp - 1} stages")
-        if pp_rank == 0:
-            return list(range(pp0_layers))
-        per = rest // (pp - 1)
-        start = pp0_layers + (pp_rank - 1) * per
-        return list(range(start, start + per))
-    chunks = pp * (vp or 1)
-    if num_layers % chunks:
-        raise ValueError(f"{num_layers} layers do not split evenly over PP={pp}"
-                         + (f" x VP={vp}" if vp else ""))
-    per = num_layers // chunks
-    start = (vp_stage * pp + pp_rank) * per
-    return list(range(start, start + per))
+    """Global layer indices held by (pp_rank, vp_stage), as megatron-core places them:
+    chunk ``vp_stage * PP + pp_rank`` in pipeline order (LayoutError when they do not split)."""
+    counts = stage_layer_counts(num_layers, pp, vp, pp0_layers if pp > 1 else None)
+    idx = vp_stage * pp + pp_rank
+    start = sum(counts[:idx])
+    return list(range(start, start + counts[idx]))
 
 
 def mcore_names(rule: Rule, layers: Sequence[int], first: bool, last: bool) -> list:
