@@ -12,7 +12,6 @@ import pytest
 
 from train_helpers import LAUNCHERS, ROOT, launcher_env
 
-CONFIG_PY = os.path.join(ROOT, "megatron_patch", "training", "config.py")
 SHELLS = [s for s in ("sh", "bash") if shutil.which(s)]
 
 
@@ -161,11 +160,13 @@ def test_semantic_checks_with_env(data):
 
 def test_plan(data):
     """The plan the launcher evals: torchrun layout, Pai's run name and output folders."""
-    sys.path.insert(0, ROOT)
-    from megatron_patch.training import config as C
+    from megatron_patch.training.arguments import build_config
+    from megatron_patch.training.config import ConfigError
+    from megatron_patch.training.launch_plan import plan
     args = good_args(data)
-    cfg = C.build_config(args, "llama3_1", env={}, timestamp="2026.01.01-00.00.00")
-    assert cfg.train_iters == 10 and cfg.warmup_iters == 1  # tokens / (GBS x SEQ_LEN)
+    cfg = build_config(args, "llama3_1", env={}, timestamp="2026.01.01-00.00.00")
+    # tokens / (GBS x SEQ_LEN)
+    assert cfg.optim.train_iters == 10 and cfg.optim.warmup_iters == 1
     assert cfg.run_name == ("pretrain-mcore-llama3-1-tiny-lr-1e-5-minlr-1e-6-bs-2-gbs-8-"
                             "seqlen-128-pr-fp32-tp-1-pp-1-cp-1-ac-false-do-false-sp-false-"
                             "ti-10-wi-1")
@@ -174,15 +175,17 @@ def test_plan(data):
     assert cfg.log_file == os.path.join(out, "log", cfg.run_name + "_2026.01.01-00.00.00.log")
     assert cfg.tensorboard_dir == os.path.join(out, "tensorboard",
                                                cfg.run_name + "_2026.01.01-00.00.00")
-    p = C.plan(cfg, {"MP_NPROC": "4", "MP_MASTER_PORT": "29500", "MASTER_PORT": "1"})
-    assert (p["NPROC"], p["NNODES"], p["DP"], p["MASTER_PORT"]) == (4, 1, 4, 29500)
+    p = plan(cfg, {"MP_NPROC": "4", "MP_MASTER_PORT": "29500", "MASTER_PORT": "1"})
+    assert (p.NPROC, p.NNODES, p.DP, p.MASTER_PORT) == (4, 1, 4, 29500)
     dlc = list(args)
     dlc[0] = "dlc"
-    cfg = C.build_config(dlc, "llama3_1", env={})
-    p = C.plan(cfg, {"MP_NPROC": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456",
-                     "WORLD_SIZE": "2", "RANK": "1"})
-    assert (p["NPROC"], p["NNODES"], p["NODE_RANK"], p["MASTER_ADDR"], p["DP"]) == \
-        (2, 2, 1, "10.0.0.1", 4)
+    cfg = build_config(dlc, "llama3_1", env={})
+    p = plan(cfg, {"MP_NPROC": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456",
+                   "WORLD_SIZE": "2", "RANK": "1"})
+    assert (p.NPROC, p.NNODES, p.NODE_RANK, p.MASTER_ADDR, p.DP) == (2, 2, 1, "10.0.0.1", 4)
+    with pytest.raises(ConfigError, match="RANK=2 is not valid"):
+        plan(cfg, {"MP_NPROC": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456",
+                   "WORLD_SIZE": "2", "RANK": "2"})
     # SFT counts iterations; SP with TP=1 is a note, not silence
     sft = list(args)
     sft[NAMES.index("SFT")], sft[NAMES.index("SP")] = "true", "true"
@@ -190,9 +193,9 @@ def test_plan(data):
         str(data / "sft.json")
     sft[NAMES.index("TRAIN_TOKENS_OR_ITERS")], sft[NAMES.index("WARMUP_TOKENS_OR_ITERS")] = \
         "30", "3"
-    cfg = C.build_config(sft, "llama3_1", env={"MP_DATASET_TYPE": "raw"})
-    assert (cfg.train_iters, cfg.warmup_iters, cfg.sft, cfg.sequence_parallel) == \
-        (30, 3, True, False)
+    cfg = build_config(sft, "llama3_1", env={"MP_DATASET_TYPE": "raw"})
+    assert (cfg.optim.train_iters, cfg.optim.warmup_iters, cfg.data.sft,
+            cfg.parallel.sequence_parallel) == (30, 3, True, False)
     assert cfg.run_name.startswith("finetune-mcore-llama3-1-tiny-")
     assert any("SP=true has no effect with TP=1" in n for n in cfg.notes)
     # auto reads config.json next to the checkpoint: TP must divide its 2 KV heads
@@ -200,16 +203,16 @@ def test_plan(data):
     auto[NAMES.index("MODEL_SIZE")] = "auto"
     auto[NAMES.index("PRETRAIN_CHECKPOINT_PATH")] = str(data / "ckpt")
     auto[NAMES.index("TP")] = "4"
-    with pytest.raises(C.ConfigError, match="TP=4.*2 key/value heads"):
-        C.build_config(auto, "llama3_1", env={})
-
-
-def test_sizes_match_presets():
-    """The launcher's size lists are the presets' (config.py cannot import torch)."""
-    from megatron_patch.models.llama import GENERATIONS, sizes
-    from megatron_patch.training import config as C
-    for g in GENERATIONS:
-        assert set(C.PUBLISHED_SIZES[g]) | {"tiny"} == set(sizes(g)), g
+    with pytest.raises(ConfigError, match="TP=4.*2 key/value heads"):
+        build_config(auto, "llama3_1", env={})
+    # a published size on a checkpoint whose config.json describes another model: refused
+    # at once (it would otherwise build the 8B model and fail minutes later)
+    big = list(args)
+    big[NAMES.index("MODEL_SIZE")] = "8B"
+    big[NAMES.index("PRETRAIN_CHECKPOINT_PATH")] = str(data / "ckpt")
+    with pytest.raises(ConfigError, match="MODEL_SIZE=8B disagrees with .*config.json: "
+                                          "hidden_size 4096 vs 64"):
+        build_config(big, "llama3_1", env={})
 
 
 def test_launcher_needs_generation(data):

@@ -12,7 +12,6 @@ converted from an HF model:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -27,13 +26,19 @@ pytestmark = pytest.mark.slow  # multi-process / end-to-end
 ITERS, GBS, SEQ = 5, 4, 64
 
 
+_SECTION = {"sequence_parallel": "parallel", "vp": "parallel", "initial_loss_scale": "precision"}
+
+
 def _cfg(w, out, tp=1, pp=1, do=False, prec="fp32", iters=ITERS, save=100, env=None, **kw):
-    from megatron_patch.training.config import build_config
+    from megatron_patch.training.arguments import build_config
     args = ["dsw", "auto", 1, GBS, "1e-3", "1e-4", SEQ, SEQ, prec, tp, pp, 1, "false",
             str(do).lower(), "true", "false", "false", "false", save, w.corpus, w.corpus,
             w.release, iters * GBS * SEQ, 0, out]
     cfg = build_config([str(a) for a in args], "llama2", env=env or {})
-    return dataclasses.replace(cfg, eval_iters=1, **kw)
+    sections = {}
+    for k, v in kw.items():
+        sections.setdefault(_SECTION[k], {})[k] = v
+    return cfg.replace(eval_iters=1, **sections)
 
 
 def _weights(run) -> dict:

@@ -26,8 +26,9 @@
 #      OUTPUT_BASEPATH/log/<run name>_<time>.log (everything printed, all ranks).
 #
 # Shell only parses and calls Python: every argument is validated by
-# megatron_patch/training/config.py (standard library only, milliseconds) before anything
+# megatron_patch.training.launch_plan (no torch import, well under a second) before anything
 # starts; a bad one gives one line "error: NAME=value is not valid: ..." and exit status 2.
+# docs/launcher.md documents the contract.
 
 MP_LAUNCHER_NAME=${MP_LAUNCHER_NAME:-$(basename "$0")}
 export MP_LAUNCHER_NAME
@@ -50,7 +51,9 @@ else
 fi
 
 # Validate the 25 arguments and plan the processes (prints MP_PLAN_* assignments).
-PLAN=$("$PY" "$ROOT/megatron_patch/training/config.py" plan "$MP_GENERATION" "$@") || exit $?
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH
+PLAN=$("$PY" -m megatron_patch.training.launch_plan "$MP_GENERATION" "$@") || exit $?
 eval "$PLAN"
 
 BASE=${25}
@@ -61,13 +64,11 @@ if [ "$MP_PLAN_NODE_RANK" != "0" ]; then
     LOG="$LOG.node$MP_PLAN_NODE_RANK"
 fi
 
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHONUNBUFFERED=1
 CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 MP_LOG_TEED=1
-export PYTHONPATH PYTHONUNBUFFERED CUDA_DEVICE_MAX_CONNECTIONS MP_LOG_TEED
+export PYTHONUNBUFFERED CUDA_DEVICE_MAX_CONNECTIONS MP_LOG_TEED
 
-ENTRY="$ROOT/examples/llama/pretrain_llama.py"
 echo "$MP_LAUNCHER_NAME: $MP_PLAN_NNODES node(s) x $MP_PLAN_NPROC process(es), run $MP_PLAN_RUN_NAME" >&2
 echo "$MP_LAUNCHER_NAME: log $LOG" >&2
 
@@ -77,12 +78,12 @@ RCFILE=$(mktemp "${TMPDIR:-/tmp}/mp_rc.XXXXXX") || exit 1
         # one process: no torchrun needed (same environment torchrun would give it)
         RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 \
         MASTER_ADDR=127.0.0.1 MASTER_PORT=$MP_PLAN_MASTER_PORT \
-            "$PY" "$ENTRY" --generation "$MP_GENERATION" --timestamp "$MP_PLAN_TIMESTAMP" -- "$@" 2>&1
+            "$PY" -m megatron_patch.training.pretrain --generation "$MP_GENERATION" --timestamp "$MP_PLAN_TIMESTAMP" -- "$@" 2>&1
     else
         "$PY" -m torch.distributed.run --nproc_per_node "$MP_PLAN_NPROC" \
             --nnodes "$MP_PLAN_NNODES" --node_rank "$MP_PLAN_NODE_RANK" \
             --master_addr "$MP_PLAN_MASTER_ADDR" --master_port "$MP_PLAN_MASTER_PORT" \
-            "$ENTRY" --generation "$MP_GENERATION" --timestamp "$MP_PLAN_TIMESTAMP" -- "$@" 2>&1
+            -m megatron_patch.training.pretrain --generation "$MP_GENERATION" --timestamp "$MP_PLAN_TIMESTAMP" -- "$@" 2>&1
     fi
     echo $? > "$RCFILE"
 } | tee -a "$LOG"

@@ -36,7 +36,17 @@ class CudaBackend(Backend):
         torch.cuda.set_device(local_rank)
 
     def block_spec(self, config, vp_stage=None):
-        from megatron_patch.backends import layer_specs as layer_spec
+        from megatron_patch.backends import layer_specs
         if te_available():
-            return layer_spec.te_block_spec(config, vp_stage)
-        return layer_spec.local_block_spec(config, vp_stage)
+            return layer_specs.te_block_spec(config, vp_stage)
+        return layer_specs.local_block_spec(config, vp_stage)
+
+    def training_overrides(self, flash_attn: bool, precision: str) -> dict:
+        overrides = super().training_overrides(flash_attn, precision)
+        if te_available():
+            # FL: Transformer Engine's flash attention (true) or its cuDNN fused attention
+            # (false), like Pai's NVTE_FLASH_ATTN/NVTE_FUSED_ATTN switch. Without TE the SDPA
+            # core attention is used (flash kernels on CUDA when available).
+            from megatron.core.transformer.enums import AttnBackend
+            overrides["attention_backend"] = AttnBackend.flash if flash_attn else AttnBackend.fused
+        return overrides

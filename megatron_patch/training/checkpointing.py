@@ -1,4 +1,5 @@
-"""Training checkpoints in the Megatron layout (megatron_patch.checkpoint, DESIGN.md §4).
+"""Training checkpoints in the Megatron layout (megatron_patch.checkpoint;
+docs/checkpoint-layout.md).
 
 Per (TP rank, PP rank), written by data-parallel rank 0 into the staging directory::
 
@@ -206,22 +207,23 @@ def save_checkpoint(run, iteration: int) -> str:
                 if opt.data_parallel_group.rank() == 0:
                     torch.save(state, f)
     if dp_rank == 0:
-        counters = run.counters()
+        counters, par = run.counters(), cfg.parallel
         args = ckpt_lib.make_args(
-            run.arch, cfg.tp, cfg.pp, cfg.precision, cfg.vp, cfg.pp0_layers,
+            run.arch, par.tp, par.pp, cfg.precision.dtype, par.vp, par.pp0_layers,
             iteration=iteration, consumed_train_samples=counters["consumed_train_samples"],
             consumed_valid_samples=counters["consumed_valid_samples"],
-            train_iters=cfg.train_iters, micro_batch_size=cfg.micro_batch_size,
-            global_batch_size=cfg.global_batch_size, seq_length=cfg.seq_len, lr=cfg.lr,
-            min_lr=cfg.min_lr, use_distributed_optimizer=cfg.distributed_optimizer,
-            sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
+            train_iters=cfg.optim.train_iters, micro_batch_size=cfg.data.micro_batch_size,
+            global_batch_size=cfg.data.global_batch_size, seq_length=cfg.data.seq_len,
+            lr=cfg.optim.lr,
+            min_lr=cfg.optim.min_lr, use_distributed_optimizer=cfg.optim.distributed_optimizer,
+            sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.seed)
         state = ckpt_lib.checkpoint_state(
             _model_states(run.chunks), iteration, args,
             optimizer=opt_state, opt_param_scheduler=run.scheduler.state_dict(),
             rng_state=rngs, num_floating_point_operations_so_far=counters["flops"],
             megatron_patch={**counters, "config": cfg.to_dict()})
         ckpt_lib.save_rank_file(rank_file, state)
-    if cfg.kill_in_save_iter == iteration:  # test hook: a crash in the middle of the save
+    if cfg.checkpoint.kill_in_save_iter == iteration:  # test hook: a crash mid-save
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     final = os.path.join(root, ckpt_lib.iteration_dirname(iteration))
@@ -274,9 +276,10 @@ def load_resume_state(run, found) -> dict:
     """Load model weights of ``found`` into run.chunks; return this rank's file state (the
     optimizer is loaded by ``restore_training_state`` once it exists)."""
     cfg = run.cfg
-    if (found.tp, found.pp) != (cfg.tp, cfg.pp):
+    if (found.tp, found.pp) != (cfg.parallel.tp, cfg.parallel.pp):
         raise ValueError(f"{found.path}: saved with TP={found.tp} PP={found.pp}; this run has "
-                         f"TP={cfg.tp} PP={cfg.pp}. Resume with the saved layout (the optimizer "
+                         f"TP={cfg.parallel.tp} PP={cfg.parallel.pp}. Resume with the saved "
+                         f"layout (the optimizer "
                          f"state is sharded by it), or start a new OUTPUT_BASEPATH.")
     ckpt_lib.load_model_shards(found.root, run.chunks, arch=run.arch,
                                iteration=found.iteration)

@@ -7,18 +7,19 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_patch.training.config import ConfigError, TrainConfig, parse_blend
+from megatron_patch.training.arguments import parse_blend
+from megatron_patch.training.config import ConfigError, TrainConfig
 
 
 def tokenizer_dir(cfg: TrainConfig) -> Optional[str]:
     """MP_TOKENIZER, else tokenizer files next to PRETRAIN_CHECKPOINT_PATH (or above it),
     else the tokenizer an SFT idxmap was built with."""
-    cands = [cfg.tokenizer]
-    if cfg.pretrain_checkpoint:
-        cands += [cfg.pretrain_checkpoint, os.path.dirname(os.path.normpath(cfg.pretrain_checkpoint))]
-    if cfg.sft and cfg.dataset_type == "idxmap":
+    cands = [cfg.data.tokenizer]
+    if cfg.checkpoint.load:
+        cands += [cfg.checkpoint.load, os.path.dirname(os.path.normpath(cfg.checkpoint.load))]
+    if cfg.data.sft and cfg.data.dataset_type == "idxmap":
         import json
-        meta = f"{cfg.data_path[0]}_sft_meta.json"
+        meta = f"{cfg.data.train_paths[0]}_sft_meta.json"
         if os.path.isfile(meta):
             with open(meta, encoding="utf-8") as f:
                 cands.append(json.load(f).get("tokenizer"))
@@ -27,8 +28,8 @@ def tokenizer_dir(cfg: TrainConfig) -> Optional[str]:
                                           ("tokenizer.json", "tokenizer.model",
                                            "tokenizer_config.json")):
             return c
-    if cfg.tokenizer:
-        raise ConfigError(f"MP_TOKENIZER={cfg.tokenizer!r} is not valid: not a tokenizer "
+    if cfg.data.tokenizer:
+        raise ConfigError(f"MP_TOKENIZER={cfg.data.tokenizer!r} is not valid: not a tokenizer "
                           "directory (tokenizer.json / tokenizer.model)")
     return None
 
@@ -36,7 +37,7 @@ def tokenizer_dir(cfg: TrainConfig) -> Optional[str]:
 def build_data(cfg: TrainConfig, arch, note=print):
     """(train dataset stream, valid dataset or None, item -> sample fn, sequence length)."""
     from megatron_patch.training import batches
-    if cfg.sft:
+    if cfg.data.sft:
         from megatron_patch.data.sft_dataset import SFTDataset
         from megatron_patch.tokenizer import load_tokenizer
         tdir = tokenizer_dir(cfg)
@@ -48,22 +49,23 @@ def build_data(cfg: TrainConfig, arch, note=print):
             raise ConfigError(f"tokenizer {tdir} has {tok.vocab_size} tokens, the model's "
                               f"vocabulary {arch.vocab_size}")
         verbose = dist.get_rank() == 0
-        train = SFTDataset(cfg.data_path[0], tok, cfg.pad_len, cfg.dataset_type, cfg.generation,
-                           cfg.sft_packing, verbose=verbose)
-        valid = None
-        if cfg.valid_data_path:
-            valid = SFTDataset(cfg.valid_data_path[0], tok, cfg.pad_len, cfg.dataset_type,
-                               cfg.generation, cfg.sft_packing, verbose=verbose)
+        d = cfg.data
+
+        def sft_dataset(path):
+            return SFTDataset(path, tok, d.pad_len, d.dataset_type, cfg.model.generation,
+                              d.sft_packing, verbose=verbose)
+        train = sft_dataset(d.train_paths[0])
+        valid = sft_dataset(d.valid_paths[0]) if d.valid_paths else None
         train_stream = batches.CyclicShuffled(train, cfg.seed)
         valid_stream = batches.CyclicShuffled(valid, cfg.seed, shuffle=False) if valid else None
-        return train_stream, valid_stream, batches.sft_sample, cfg.pad_len
+        return train_stream, valid_stream, batches.sft_sample, cfg.data.pad_len
     from megatron_patch.data.pretrain import build_pretrain_datasets, default_eod
-    tpaths, tweights = parse_blend(cfg.data_path)
-    vpaths, vweights = parse_blend(cfg.valid_data_path) if cfg.valid_data_path else (None, None)
-    n_train = cfg.train_iters * cfg.global_batch_size
-    n_valid = max(cfg.eval_iters, 1) * cfg.global_batch_size
+    tpaths, tweights = parse_blend(cfg.data.train_paths)
+    vpaths, vweights = parse_blend(cfg.data.valid_paths) if cfg.data.valid_paths else (None, None)
+    n_train = cfg.optim.train_iters * cfg.data.global_batch_size
+    n_valid = max(cfg.eval_iters, 1) * cfg.data.global_batch_size
     train, valid = build_pretrain_datasets(
-        tpaths, tweights, vpaths, vweights, cfg.seq_len, cfg.seed, (n_train, n_valid),
-        arch.vocab_size, default_eod(cfg.generation), cfg.data_split,
-        cache_dir=os.path.join(cfg.output_base, "data_cache"), note=note)
-    return train, valid, batches.pretrain_sample, cfg.seq_len
+        tpaths, tweights, vpaths, vweights, cfg.data.seq_len, cfg.seed, (n_train, n_valid),
+        arch.vocab_size, default_eod(cfg.model.generation), cfg.data.split,
+        cache_dir=os.path.join(cfg.checkpoint.output_base, "data_cache"), note=note)
+    return train, valid, batches.pretrain_sample, cfg.data.seq_len

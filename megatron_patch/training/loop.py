@@ -78,11 +78,11 @@ def train_step(run: Run, data_iterator, seq_len: int):
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data_iterator, model=run.chunks,
         num_microbatches=get_num_microbatches(), seq_length=seq_len,
-        micro_batch_size=run.cfg.micro_batch_size, forward_only=False)
+        micro_batch_size=run.cfg.data.micro_batch_size, forward_only=False)
     loss = _broadcast_from_last_stage(_reported_loss(losses))
-    updated, grad_norm, nan_grad = optimizer_step(run.optimizer, run.cfg.clip_grad)
+    updated, grad_norm, nan_grad = optimizer_step(run.optimizer, run.cfg.optim.clip_grad)
     if updated:
-        run.scheduler.step(increment=run.cfg.global_batch_size)
+        run.scheduler.step(increment=run.cfg.data.global_batch_size)
     return loss, updated, grad_norm, nan_grad or not math.isfinite(loss)
 
 
@@ -98,7 +98,8 @@ def evaluate(run: Run, valid, to_sample, seq_len: int) -> Optional[float]:
     cfg = run.cfg
     if valid is None or cfg.eval_iters == 0:
         return None
-    it = batches.MicroBatches(valid, to_sample, cfg.global_batch_size, cfg.micro_batch_size,
+    it = batches.MicroBatches(valid, to_sample, cfg.data.global_batch_size,
+                              cfg.data.micro_batch_size,
                               ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
     data = batches.Replay(it, len(run.chunks)).views() if len(run.chunks) > 1 else it
     for c in run.chunks:
@@ -109,11 +110,11 @@ def evaluate(run: Run, valid, to_sample, seq_len: int) -> Optional[float]:
             losses = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=data, model=run.chunks,
                 num_microbatches=get_num_microbatches(), seq_length=seq_len,
-                micro_batch_size=cfg.micro_batch_size, forward_only=True)
+                micro_batch_size=cfg.data.micro_batch_size, forward_only=True)
             values.append(_broadcast_from_last_stage(_reported_loss(losses)))
     for c in run.chunks:
         c.train()
-    run.consumed_valid_samples += cfg.eval_iters * cfg.global_batch_size
+    run.consumed_valid_samples += cfg.eval_iters * cfg.data.global_batch_size
     return sum(values) / len(values)
 
 
@@ -142,26 +143,28 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
     run = setup(cfg, log=logger.print)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     from megatron_patch.backends import active_backend
-    logger.print(f"> world size {world} (TP={cfg.tp} PP={cfg.pp} CP={cfg.cp} DP={dp}"
-                 f"{' VP=' + str(cfg.vp) if cfg.vp else ''}), backend "
-                 f"{active_backend().name}, precision {cfg.precision}, "
-                 f"{'distributed' if cfg.distributed_optimizer else 'plain'} optimizer, "
-                 f"{dist.get_backend()} process groups; {cfg.train_iters} iterations "
-                 f"(warmup {cfg.warmup_iters}), checkpoints in {cfg.checkpoint_dir}")
+    par = cfg.parallel
+    logger.print(f"> world size {world} (TP={par.tp} PP={par.pp} CP={par.cp} DP={dp}"
+                 f"{' VP=' + str(par.vp) if par.vp else ''}), backend "
+                 f"{active_backend().name}, precision {cfg.precision.dtype}, "
+                 f"{'distributed' if cfg.optim.distributed_optimizer else 'plain'} optimizer, "
+                 f"{dist.get_backend()} process groups; {cfg.optim.train_iters} iterations "
+                 f"(warmup {cfg.optim.warmup_iters}), checkpoints in {cfg.checkpoint_dir}")
 
     train_ds, valid_ds, to_sample, seq_len = build_data(cfg, run.arch, note=logger.print)
-    it = batches.MicroBatches(train_ds, to_sample, cfg.global_batch_size, cfg.micro_batch_size,
+    it = batches.MicroBatches(train_ds, to_sample, cfg.data.global_batch_size,
+                              cfg.data.micro_batch_size,
                               dp, dp_rank, consumed=run.consumed_train_samples)
     data = batches.Replay(it, len(run.chunks)).views() if len(run.chunks) > 1 else it
-    padded_vocab = run.arch.padded_vocab_size(cfg.tp)
+    padded_vocab = run.arch.padded_vocab_size(cfg.parallel.tp)
 
-    flops_per_iter = model_flops_per_token(run.arch, seq_len) * cfg.global_batch_size * seq_len
-    tokens_per_iter = cfg.global_batch_size * seq_len
+    flops_per_iter = model_flops_per_token(run.arch, seq_len) * cfg.data.global_batch_size * seq_len
+    tokens_per_iter = cfg.data.global_batch_size * seq_len
     start_iter = run.iteration
     last_saved = run.iteration if start_iter > 0 else None
     checked_ids = False
     try:
-        while run.iteration < cfg.train_iters:
+        while run.iteration < cfg.optim.train_iters:
             if not checked_ids:  # ids must index the embedding
                 peek = train_ds[run.consumed_train_samples]
                 top = int((peek["tokens"] if "tokens" in peek else peek["input_ids"]).max())
@@ -174,7 +177,7 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
             loss, updated, grad_norm, got_nan = train_step(run, data, seq_len)
             elapsed = time.perf_counter() - t0
             run.iteration += 1
-            run.consumed_train_samples += cfg.global_batch_size
+            run.consumed_train_samples += cfg.data.global_batch_size
             if not updated:
                 run.skipped_iters += 1
             if got_nan:
@@ -190,13 +193,13 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
             run.history.append(rec)
             if run.iteration % cfg.log_interval == 0:
                 logger.print(iteration_line(
-                    run.iteration, cfg.train_iters, run.consumed_train_samples,
+                    run.iteration, cfg.optim.train_iters, run.consumed_train_samples,
                     run.consumed_train_samples * seq_len, elapsed * 1000, lr,
-                    cfg.global_batch_size, loss, scale, grad_norm, run.skipped_iters,
+                    cfg.data.global_batch_size, loss, scale, grad_norm, run.skipped_iters,
                     run.nan_iters, tps, tflops))
                 logger.scalars(run.iteration, {
                     "lm loss": loss if math.isfinite(loss) else None, "learning-rate": lr,
-                    "batch-size": cfg.global_batch_size, "loss-scale": scale,
+                    "batch-size": cfg.data.global_batch_size, "loss-scale": scale,
                     "grad-norm": grad_norm if _finite(grad_norm) else None,
                     "iteration-time": elapsed, "tokens-per-second-per-device": tps,
                     "throughput-tflops-per-device": tflops,
@@ -205,13 +208,14 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
             if run.nan_iters and run.nan_iters >= 10 and got_nan:
                 raise FloatingPointError(f"{run.nan_iters} iterations with NaN/Inf loss or "
                                          f"gradients; stopping (lower LR, check the data)")
-            if run.iteration % cfg.eval_interval == 0 and run.iteration < cfg.train_iters:
+            if run.iteration % cfg.eval_interval == 0 and run.iteration < cfg.optim.train_iters:
                 _eval_and_log(run, valid_ds, to_sample, seq_len, logger)
-            if run.iteration % cfg.save_interval == 0 or run.iteration == cfg.train_iters:
+            last = run.iteration == cfg.optim.train_iters
+            if run.iteration % cfg.checkpoint.save_interval == 0 or last:
                 d = checkpointing.save_checkpoint(run, run.iteration)
                 last_saved = run.iteration
                 logger.print(f"saved checkpoint at iteration {run.iteration} to {d}")
-        if valid_ds is not None and cfg.eval_iters and start_iter < cfg.train_iters:
+        if valid_ds is not None and cfg.eval_iters and start_iter < cfg.optim.train_iters:
             _eval_and_log(run, valid_ds, to_sample, seq_len, logger, final=True)
         if last_saved != run.iteration:
             d = checkpointing.save_checkpoint(run, run.iteration)

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from megatron_patch.training.config import ConfigError, TrainConfig, check_model_shape
+from megatron_patch.training.arguments import check_model_shape, model_arch
+from megatron_patch.training.config import TrainConfig
+from megatron_patch.training.launch_plan import check_batches
 
 
 @dataclass
@@ -35,29 +37,12 @@ class Run:
                 "flops": self.flops}
 
 
-def resolve_arch(cfg: TrainConfig):
-    from megatron_patch.models.llama import get_preset
-    from megatron_patch.training.config import config_json_for
-    if cfg.model_size != "auto":
-        return get_preset(cfg.generation, cfg.model_size)
-    from megatron_patch import checkpoint as ckpt_lib
-    from megatron_patch.models.llama import LlamaArch
-    found = ckpt_lib.find_checkpoint(cfg.pretrain_checkpoint)
-    arch = ckpt_lib.checkpoint_arch(found)
-    if arch is None:
-        path = config_json_for(cfg.pretrain_checkpoint)
-        if path is None:
-            raise ConfigError(f"MODEL_SIZE='auto' is not valid: no config.json next to "
-                              f"{cfg.pretrain_checkpoint} and no model shape in its args")
-        arch = LlamaArch.from_hf_config(path, generation=cfg.generation)
-    return arch
-
-
-def _optimizer_config_kwargs(cfg):
-    return dict(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.distributed_optimizer,
-                adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-                initial_loss_scale=cfg.initial_loss_scale)
+def _optimizer_config_kwargs(cfg: TrainConfig) -> dict:
+    o = cfg.optim
+    return dict(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+                use_distributed_optimizer=o.distributed_optimizer, adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                initial_loss_scale=cfg.precision.initial_loss_scale)
 
 
 def setup(cfg: TrainConfig, log=print) -> tuple:
@@ -70,53 +55,34 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
 
     from megatron_patch import checkpoint as ckpt_lib
     from megatron_patch import parallel
-    from megatron_patch.models.llama import ParallelSettings, transformer_config
+    from megatron_patch.backends import active_backend
+    from megatron_patch.models.llama.config import ParallelSettings, transformer_config
     from megatron_patch.training import checkpointing
     from megatron_patch.training.model_setup import build_model_chunks, build_optimizer
 
-    world = dist.get_world_size()
-    if world % cfg.model_parallel_size:
-        raise ConfigError(f"TP={cfg.tp} x PP={cfg.pp} x CP={cfg.cp} = {cfg.model_parallel_size} "
-                          f"does not divide the world size {world}")
-    dp = world // cfg.model_parallel_size
-    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
-        raise ConfigError(f"GLOBAL_BATCH_SIZE={cfg.global_batch_size} is not valid: must be a "
-                          f"multiple of BATCH_SIZE={cfg.micro_batch_size} x data-parallel size "
-                          f"{dp}")
-    nmb = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-    if cfg.vp and nmb % cfg.pp:
-        raise ConfigError(f"GLOBAL_BATCH_SIZE={cfg.global_batch_size} is not valid: with "
-                          f"MP_VP the {nmb} micro-batches per step must be a multiple of PP="
-                          f"{cfg.pp}")
-    parallel.initialize_model_parallel(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, vp=cfg.vp,
+    par = cfg.parallel
+    arch = model_arch(cfg)
+    dp = check_model_shape(cfg, arch, world_size=dist.get_world_size())
+    check_batches(cfg, dp)
+    parallel.initialize_model_parallel(tp=par.tp, pp=par.pp, cp=par.cp, vp=par.vp,
                                        seed=cfg.seed)
     destroy_num_microbatches_calculator()
-    init_num_microbatches_calculator(dist.get_rank(), None, cfg.global_batch_size,
-                                     cfg.micro_batch_size, dp, False)
+    init_num_microbatches_calculator(dist.get_rank(), None, cfg.data.global_batch_size,
+                                     cfg.data.micro_batch_size, dp, False)
 
-    arch = resolve_arch(cfg)
-    check_model_shape(cfg, arch)
-    overrides = {"init_method_std": cfg.init_method_std}
-    precision = cfg.precision
-    if precision == "fp8":  # Transformer Engine only (config.py refuses fp8 without TE)
+    precision = cfg.precision.dtype
+    overrides = {"init_method_std": cfg.model.init_method_std}
+    overrides.update(active_backend().training_overrides(cfg.model.flash_attn, precision))
+    if precision == "fp8":  # the backend set the fp8 recipe; parameters are bf16
         precision = "bf16"
-        overrides.update(fp8="hybrid", fp8_margin=0, fp8_amax_history_len=1024,
-                         fp8_amax_compute_algo="max")
-    from megatron_patch.backends import active_backend
-    from megatron_patch.backends.cuda import te_available
-    if active_backend().name == "cuda" and te_available():
-        # FL: Transformer Engine's flash attention (true) or its cuDNN fused attention
-        # (false), like Pai's NVTE_FLASH_ATTN/NVTE_FUSED_ATTN switch. Without TE the SDPA
-        # core attention is used (flash kernels on CUDA when available).
-        from megatron.core.transformer.enums import AttnBackend
-        overrides["attention_backend"] = AttnBackend.flash if cfg.flash_attn else AttnBackend.fused
     tconfig = transformer_config(
-        arch, ParallelSettings(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp,
-                               sequence_parallel=cfg.sequence_parallel, vp=cfg.vp,
-                               pp0_layers=cfg.pp0_layers),
-        precision, recompute=cfg.recompute, recompute_num_layers=cfg.recompute_num_layers,
-        **overrides)
-    chunks = build_model_chunks(arch, tconfig, use_distributed_optimizer=cfg.distributed_optimizer)
+        arch, ParallelSettings(tp=par.tp, pp=par.pp, cp=par.cp,
+                               sequence_parallel=par.sequence_parallel, vp=par.vp,
+                               pp0_layers=par.pp0_layers),
+        precision, recompute=cfg.memory.recompute,
+        recompute_num_layers=cfg.memory.recompute_num_layers, **overrides)
+    chunks = build_model_chunks(arch, tconfig,
+                                use_distributed_optimizer=cfg.optim.distributed_optimizer)
 
     # weights: resume from this run's own latest checkpoint, else the pretrained one
     found = checkpointing.find_resume(cfg.checkpoint_dir)
@@ -125,21 +91,21 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
         resume = checkpointing.load_resume_state(
             Run(cfg, arch, chunks, None, None, tconfig), found)
         log(f"resuming from {found.path} (iteration {found.iteration})")
-    elif cfg.pretrain_checkpoint:
-        got = ckpt_lib.load_model_shards(cfg.pretrain_checkpoint, chunks, arch=arch)
+    elif cfg.checkpoint.load:
+        got = ckpt_lib.load_model_shards(cfg.checkpoint.load, chunks, arch=arch)
         log(f"loaded pretrained weights from {got.path} (TP={got.tp} PP={got.pp} -> "
-            f"TP={cfg.tp} PP={cfg.pp})")
+            f"TP={par.tp} PP={par.pp})")
     else:
         log("training from scratch (PRETRAIN_CHECKPOINT_PATH=none)")
 
     # the optimizer copies main params from the (loaded) model params
     optimizer = build_optimizer(chunks, tconfig, **_optimizer_config_kwargs(cfg))
-    gbs = cfg.global_batch_size
+    gbs, o = cfg.data.global_batch_size, cfg.optim
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_iters * gbs, lr_decay_steps=cfg.lr_decay_iters * gbs,
-        lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
-        wd_incr_steps=cfg.train_iters * gbs, wd_incr_style="constant")
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters * gbs, lr_decay_steps=o.lr_decay_iters * gbs,
+        lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=o.train_iters * gbs, wd_incr_style="constant")
 
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss

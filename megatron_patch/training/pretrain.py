@@ -1,0 +1,57 @@
+"""Training entry, one process per device (started by torchrun from run_mcore_llama.sh)::
+
+    python -m megatron_patch.training.pretrain --generation llama3_1 [--timestamp T] \
+        -- <the 25 launcher arguments>
+
+The arguments are parsed and validated by ``arguments.build_config`` -- the same code the
+launcher's plan ran before starting anything (docs/launcher.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _quiet_known_warnings() -> None:
+    import warnings
+    # megatron-core's notes that it falls back from Transformer Engine/apex to local code
+    # (the backend chose that on purpose), and torch's renamed-collective notices
+    warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine).*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf.*")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--generation", required=True)
+    p.add_argument("--timestamp", default=None)
+    p.add_argument("args", nargs="*", help="the 25 launcher arguments")
+    ns = p.parse_args(argv)
+    _quiet_known_warnings()
+    from megatron_patch.training.arguments import build_config
+    from megatron_patch.training.config import ConfigError
+    prog = os.environ.get("MP_LAUNCHER_NAME", "pretrain")
+    try:
+        cfg = build_config(ns.args, ns.generation, timestamp=ns.timestamp)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+    from megatron_patch import parallel
+    from megatron_patch.training.loop import train
+    parallel.init_distributed()
+    try:
+        train(cfg)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
