@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Alpaca {instruction, input, output} records -> conversation records.
 
     python toolkits/sft_data_preprocessing/alpaca_converter.py \
@@ -13,20 +12,16 @@ instruction ... ### Response:"), the file layout FastChat/MindFormers pipelines 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 
-
-class OneLineErrors(argparse.ArgumentParser):
-    """Bad arguments: a single 'prog: error: ...' line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from megatron_patch.cli_args import OneLineErrors
 
 
 def main(argv=None) -> int:
-    p = OneLineErrors(description="alpaca json/jsonl/parquet -> conversation json")
+    p = OneLineErrors(
+        prog="alpaca_converter.py",  # the Pai tool name users know
+        description="alpaca json/jsonl/parquet -> conversation json")
     p.add_argument("--data_path", "--data-path", dest="data_path", required=True, nargs="+")
     p.add_argument("--output_path", "--output-path", dest="output_path", required=True,
                    help=".json (array) or .jsonl")
@@ -42,7 +37,7 @@ def main(argv=None) -> int:
     try:
         r = convert_alpaca_file(args.data_path, args.output_path, args.prompt_style, args.strict)
     except (InputError, ValueError, OSError) as exc:
-        print(f"alpaca_converter.py: error: {exc}", file=sys.stderr)
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {r['records']} conversations to {args.output_path}; skipped {r['skipped']}")
     return 0

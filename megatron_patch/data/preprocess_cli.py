@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Tokenise json/jsonl/parquet/txt documents into megatron bin/idx pretraining data.
 
     python toolkits/pretrain_data_preprocessing/preprocess_data.py \\
@@ -18,16 +17,12 @@ import os
 import sys
 import warnings
 
-
-class OneLineErrors(argparse.ArgumentParser):
-    """Bad arguments: a single 'prog: error: ...' line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from megatron_patch.cli_args import OneLineErrors
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrors(
+        prog="preprocess_data.py",  # the Pai tool name users know
         description="Documents -> <output-prefix>_<key>_document.{bin,idx} for megatron-core.")
     p.add_argument("--input", required=True, nargs="+",
                    help="json/jsonl/parquet/txt files, directories or glob patterns")
@@ -85,10 +80,10 @@ def main(argv=None) -> int:
             log_interval=args.log_interval, strict=args.strict,
             add_special_tokens=not args.no_bos, txt_mode=args.txt_mode, quiet=args.quiet)
     except (InputError, TokenizerError, ValueError, OSError) as exc:
-        print(f"preprocess_data.py: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("preprocess_data.py: interrupted; no output written", file=sys.stderr)
+        print(f"{parser.prog}: interrupted; no output written", file=sys.stderr)
         return 130
     secs = max(result.seconds, 1e-9)
     skipped = sum(result.skipped.values())

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Alpaca or conversation records (json/jsonl/parquet) -> idxmap SFT dataset.
 
     python toolkits/sft_data_preprocessing/build_idxmap_sft_dataset.py \\
@@ -21,12 +20,8 @@ import os
 import sys
 import warnings
 
+from megatron_patch.cli_args import OneLineErrors
 
-class OneLineErrors(argparse.ArgumentParser):
-    """Bad arguments: a single 'prog: error: ...' line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 GENERATION_CHOICES = ["llama", "llama1", "llama2", "llama3", "llama3_1"]
 # Pai-Megatron-Patch's --patch-tokenizer-type names -> chat template generation
@@ -45,7 +40,9 @@ def generation_of_tokenizer_type(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrors(description="SFT records -> idxmap (token ids + labels).")
+    p = OneLineErrors(
+        prog="build_idxmap_sft_dataset.py",  # the Pai tool name users know
+        description="SFT records -> idxmap (token ids + labels).")
     p.add_argument("--input", required=True, nargs="+",
                    help="json/jsonl/parquet files, directories or glob patterns")
     p.add_argument("--tokenizer-name-or-path", "--load", dest="tokenizer", required=True,
@@ -100,10 +97,10 @@ def main(argv=None) -> int:
                                      strict=args.strict, log_interval=args.log_interval,
                                      quiet=args.quiet)
     except (InputError, TokenizerError, ValueError, OSError) as exc:
-        print(f"build_idxmap_sft_dataset.py: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("build_idxmap_sft_dataset.py: interrupted; no output written", file=sys.stderr)
+        print(f"{parser.prog}: interrupted; no output written", file=sys.stderr)
         return 130
     skipped = sum(r.skipped.values())
     print(f"done: {r.samples} samples in {r.sequences} sequences, {r.tokens} tokens, "
