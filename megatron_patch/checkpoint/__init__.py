@@ -1,6 +1,6 @@
 """The Megatron checkpoint layout shared by the converter, training and evaluation.
 
-Layout (DESIGN.md §4)::
+Layout (docs/checkpoint-layout.md)::
 
     <root>/latest_checkpointed_iteration.txt        "release" or N (written last)
     <root>/release | iter_%07d/mp_rank_%02d[_%03d]/model_optim_rng.pt

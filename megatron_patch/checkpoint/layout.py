@@ -1,4 +1,4 @@
-"""Names and discovery of the Megatron checkpoint layout (DESIGN.md §4).
+"""Names and discovery of the Megatron checkpoint layout (docs/checkpoint-layout.md).
 
     <root>/latest_checkpointed_iteration.txt          "release" or N
     <root>/release | iter_%07d/
