@@ -13,6 +13,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # (module prefix, layer); the longest matching prefix wins
 LAYERS = [
     ("megatron_patch.cli_args", 0),
+    ("megatron_patch.fsutil", 0),
     ("megatron_patch.models.llama.arch", 0),
     ("megatron_patch.models.llama.presets", 0),
     ("megatron_patch.models.llama.resolve", 0),
@@ -30,7 +31,7 @@ LAYERS = [
     ("megatron_patch.evaluation", 6),
 ]
 # importable without torch (the launcher validates its arguments in well under a second)
-LIGHT = ["megatron_patch.cli_args", "megatron_patch.models.llama.arch",
+LIGHT = ["megatron_patch.cli_args", "megatron_patch.fsutil", "megatron_patch.models.llama.arch",
          "megatron_patch.models.llama.presets", "megatron_patch.models.llama.resolve",
          "megatron_patch.models.llama.parallel_layout", "megatron_patch.training.config",
          "megatron_patch.training.arguments", "megatron_patch.training.launch_plan"]

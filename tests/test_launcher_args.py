@@ -23,6 +23,9 @@ def data(tmp_path_factory):
     (d / "sft.json").write_text("[]")
     (d / "ckpt").mkdir()
     (d / "ckpt" / "latest_checkpointed_iteration.txt").write_text("release\n")
+    (d / "ckpt" / "release" / "mp_rank_00").mkdir(parents=True)
+    import torch
+    torch.save({"model": {}}, d / "ckpt" / "release" / "mp_rank_00" / "model_optim_rng.pt")
     (d / "ckpt" / "config.json").write_text(
         '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, '
         '"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, '
@@ -233,3 +236,35 @@ def test_validation_is_fast(data):
     assert p.returncode == 2
     assert (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system) < 1.0
     del t
+
+
+def test_dataset_path_with_spaces_is_one_path(data, tmp_path):
+    """A prefix whose directory has a space is one dataset, not a two-path blend."""
+    from megatron_patch.training.arguments import build_config
+    d = tmp_path / "my data"
+    d.mkdir()
+    for ext in (".bin", ".idx"):
+        (d / f"corpus_text_document{ext}").write_bytes(b"")
+    prefix = str(d / "corpus_text_document")
+    args = good_args(data)
+    args[NAMES.index("DATASET_PATH")] = args[NAMES.index("VALID_DATASET_PATH")] = prefix
+    cfg = build_config(args, "llama3_1", env={})
+    assert cfg.data.train_paths == [prefix] and cfg.data.valid_paths is None
+    # the blend syntax still splits
+    args[NAMES.index("DATASET_PATH")] = f"0.5 {data / 'corpus_text_document'} " \
+                                        f"0.5 {data / 'corpus_text_document'}"
+    cfg = build_config(args, "llama3_1", env={})
+    assert len(cfg.data.train_paths) == 4
+
+
+def test_sequence_beyond_the_context_is_stated(data):
+    """SEQ_LEN past max_position_embeddings trains, but never silently."""
+    from megatron_patch.training.arguments import build_config
+    args = good_args(data)
+    cfg = build_config(args, "llama3_1", env={})  # 128 tokens, tiny context 512
+    assert not any("context" in n for n in cfg.notes)
+    args[NAMES.index("SEQ_LEN")] = args[NAMES.index("PAD_LEN")] = "1024"
+    args[NAMES.index("TRAIN_TOKENS_OR_ITERS")] = str(8 * 1024 * 10)
+    args[NAMES.index("WARMUP_TOKENS_OR_ITERS")] = str(8 * 1024)
+    cfg = build_config(args, "llama3_1", env={})
+    assert any("SEQ_LEN=1024 exceeds the model's 512-token context" in n for n in cfg.notes)

@@ -21,24 +21,42 @@ Reading: ``find_checkpoint(path)`` (latest complete, or a given iteration),
 ``load_rank_file(path)`` a whole rank file (torch.load, weights_only, args allowed).
 """
 from .layout import (CHECKPOINT_FILENAME, CHECKPOINT_VERSION, TRACKER_FILENAME, CheckpointDir,
-                     checkpoint_file, find_checkpoint, iteration_dirname, list_iterations,
-                     rank_dirname, read_tracker, write_tracker)
-from .save import (begin_save, checkpoint_state, commit_save, make_args, save_rank_file,
-                   staging_dir)
-from .torch_file import LazyTensor, LazyTorchFile, StreamingTorchWriter
-from .load import (SAFE_GLOBALS, FileSource, MemorySource, checkpoint_arch, load_into,
-                   load_model_shards, load_model_state, load_rank_file, read_full_tensor,
-                   reshard_state, saved_layout, stage_rules)
+                     checkpoint_file, checkpoint_problem, find_checkpoint, iteration_dirname,
+                     list_iterations, rank_dirname, read_tracker, torch_file_problem,
+                     write_tracker)
+
+# The torch-using modules load on first use: the layout alone (standard library) lets the
+# launcher check PRETRAIN_CHECKPOINT_PATH without importing torch.
+_LAZY = {
+    "save": ("begin_save", "checkpoint_state", "commit_save", "make_args", "save_rank_file",
+             "staging_dir"),
+    "torch_file": ("LazyTensor", "LazyTorchFile", "StreamingTorchWriter"),
+    "load": ("SAFE_GLOBALS", "FileSource", "MemorySource", "UnsafeCheckpointError",
+             "checkpoint_arch", "load_into", "load_model_shards", "load_model_state",
+             "load_rank_file", "read_full_tensor", "reshard_state", "safe_torch_load",
+             "saved_layout", "stage_rules"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "TRACKER_FILENAME", "CHECKPOINT_FILENAME", "CHECKPOINT_VERSION", "CheckpointDir",
     "iteration_dirname", "rank_dirname", "checkpoint_file", "read_tracker", "write_tracker",
-    "list_iterations", "find_checkpoint",
+    "list_iterations", "find_checkpoint", "checkpoint_problem", "torch_file_problem",
     "staging_dir", "begin_save", "save_rank_file", "commit_save", "make_args",
     "checkpoint_state",
     "StreamingTorchWriter", "LazyTorchFile", "LazyTensor",
     "FileSource", "MemorySource", "read_full_tensor", "saved_layout", "reshard_state",
     "stage_rules",
     "checkpoint_arch", "load_model_state", "load_model_shards", "load_into", "load_rank_file",
-    "SAFE_GLOBALS",
+    "SAFE_GLOBALS", "UnsafeCheckpointError", "safe_torch_load",
 ]

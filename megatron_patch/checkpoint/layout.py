@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -77,6 +78,8 @@ class CheckpointDir:
     tp: int
     pp: int
     files: dict = field(repr=False)  # (tp_rank, pp_rank) -> file path
+    # newer checkpoints passed over while finding this one: [(iteration, why)]
+    skipped: list = field(default_factory=list, repr=False)
 
     @property
     def complete(self) -> bool:
@@ -114,6 +117,39 @@ def scan_iteration_dir(path: str, root: Optional[str] = None,
                          tp, pp if two_level else 1, files)
 
 
+def torch_file_problem(path: str):
+    """None when ``path`` looks like a whole torch.save file (its zip directory reads and
+    every member lies inside the file), else a short reason. Cheap: reads the directory at
+    the end of the file only; a file cut by a crash or a full disk fails here."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return "truncated"
+    except zipfile.BadZipFile:
+        return "truncated or not a torch file"
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def checkpoint_problem(ckpt: CheckpointDir):
+    """Why the checkpoint cannot be read (missing or damaged rank files), or None."""
+    if not ckpt.complete:
+        return f"incomplete ({len(ckpt.files)} of {ckpt.tp * ckpt.pp} rank files)"
+    for key in sorted(ckpt.files):
+        rank_dir = os.path.dirname(ckpt.files[key])
+        for name in sorted(os.listdir(rank_dir)):
+            if name.endswith(".pt"):
+                why = torch_file_problem(os.path.join(rank_dir, name))
+                if why:
+                    return f"{os.path.join(os.path.basename(rank_dir), name)}: {why}"
+    return None
+
+
 def list_iterations(root: str) -> list:
     """Iterations present under root (complete or not), oldest first, 'release' first."""
     found = []
@@ -131,24 +167,31 @@ def list_iterations(root: str) -> list:
 def find_checkpoint(path: str, iteration: Optional[Iteration] = None) -> CheckpointDir:
     """The checkpoint to read from ``path``: a root directory (tracker + iteration dirs) or
     an iteration directory itself. With ``iteration=None`` the tracker's iteration when it is
-    complete, else the newest complete one (a crash can leave a tracker pointing to nothing).
+    complete and readable, else the newest one that is (a crash can leave a tracker pointing
+    to nothing, or a cut file); the ones passed over are listed in ``.skipped``.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if any(_RANK_RE.match(n) for n in os.listdir(path)):  # an iteration directory
         ckpt = scan_iteration_dir(path)
-        if not ckpt.complete:
-            raise FileNotFoundError(f"{path}: incomplete checkpoint ({len(ckpt.files)} of "
-                                    f"{ckpt.tp * ckpt.pp} rank files)")
+        why = checkpoint_problem(ckpt)
+        if why:
+            raise FileNotFoundError(f"{path}: cannot be read: {why}")
         return ckpt
     if iteration is not None:
         ckpt = scan_iteration_dir(os.path.join(path, iteration_dirname(iteration)), path,
                                   iteration)
-        if not ckpt.complete:
-            raise FileNotFoundError(f"{ckpt.path}: incomplete checkpoint")
+        why = checkpoint_problem(ckpt)
+        if why:
+            raise FileNotFoundError(f"{ckpt.path}: cannot be read: {why}")
         return ckpt
     candidates = list_iterations(path)
-    tracked = read_tracker(path)
+    skipped = []
+    try:
+        tracked = read_tracker(path)
+    except ValueError as e:
+        tracked = None
+        skipped.append((None, str(e)))
     if tracked in candidates:  # try the tracked one first
         candidates.remove(tracked)
         candidates.append(tracked)
@@ -156,9 +199,16 @@ def find_checkpoint(path: str, iteration: Optional[Iteration] = None) -> Checkpo
         try:
             ckpt = scan_iteration_dir(os.path.join(path, iteration_dirname(it)), path, it)
         except FileNotFoundError:
+            skipped.append((it, "no rank files"))
             continue
-        if ckpt.complete:
+        why = checkpoint_problem(ckpt)
+        if why is None:
+            ckpt.skipped = skipped
             return ckpt
+        skipped.append((it, why))
+    reasons = "; ".join(f"{iteration_dirname(it) if it is not None else 'tracker'}: {why}"
+                        for it, why in skipped)
     raise FileNotFoundError(f"{path}: no complete Megatron checkpoint (expected "
                             f"{TRACKER_FILENAME} and release/ or iter_NNNNNNN/ with "
-                            f"mp_rank_*/{CHECKPOINT_FILENAME})")
+                            f"mp_rank_*/{CHECKPOINT_FILENAME})"
+                            + (f"; {reasons}" if reasons else ""))

@@ -255,11 +255,31 @@ def load_model_state(ckpt_path: str, tp: int = 1, pp: int = 1, tp_rank: int = 0,
 SAFE_GLOBALS = [argparse.Namespace]  # what our files hold beyond tensors and containers
 
 
-def load_rank_file(path: str, mmap: bool = True) -> dict:
-    """``torch.load(weights_only=True)`` of a whole rank file (args Namespace allowed);
-    for training's optimizer/RNG entries. Model weights: prefer load_model_state."""
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds Python objects other than tensors and plain containers:
+    unpickling it could run arbitrary code, so it is refused."""
+
+
+def safe_torch_load(path: str, mmap: bool = False):
+    """``torch.load(weights_only=True)``: tensors, containers, numbers, strings and the
+    ``argparse.Namespace`` of ``args`` only. Anything else -- e.g. a pickle whose
+    ``__reduce__`` would run code -- raises UnsafeCheckpointError naming the file."""
+    import pickle
     with torch.serialization.safe_globals(SAFE_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: it holds Python objects other than tensors and "
+                f"plain containers{what}; loading it could run code") from None
+
+
+def load_rank_file(path: str, mmap: bool = True) -> dict:
+    """A whole rank file through ``safe_torch_load`` (training's optimizer/RNG entries).
+    Model weights: prefer load_model_state."""
+    return safe_torch_load(path, mmap=mmap)
 
 
 def _unwrap(model):

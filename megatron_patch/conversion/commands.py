@@ -19,7 +19,8 @@ from megatron_patch.checkpoint.load import (FileSource, MemorySource, checkpoint
 from megatron_patch.models.llama import mapping
 from megatron_patch.models.llama.arch import LlamaArch
 from megatron_patch.models.llama.parallel_layout import LayoutError, check_layout
-from megatron_patch.models.llama.resolve import ArchError, arch_differences, resolve_arch
+from megatron_patch.models.llama.resolve import (ArchError, arch_differences, read_hf_config,
+                                                 resolve_arch)
 
 from .errors import UsageError
 from .hf2mcore import FileSink, MemorySink, hf_to_mcore, validate_hf
@@ -163,9 +164,9 @@ def _mcore_arch(req, ckpt, source) -> LlamaArch:
         if hf_cfg is None:
             raise UsageError(f"{req.source}: the checkpoint carries no model description and "
                              f"there is no config.json beside it; give HF_CKPT_PATH")
-        arch = LlamaArch.from_hf_config(hf_cfg)
+        arch = read_hf_config(hf_cfg)
     elif hf_cfg:
-        diffs = arch_differences(arch, LlamaArch.from_hf_config(hf_cfg))
+        diffs = arch_differences(arch, read_hf_config(hf_cfg))
         if diffs:
             raise UsageError(f"HF_CKPT_PATH config.json disagrees with the checkpoint: "
                              f"{'; '.join(diffs)} (checkpoint vs config)")

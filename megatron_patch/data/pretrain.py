@@ -194,6 +194,12 @@ def build_pretrain_datasets(train_paths: Sequence[str], train_weights: Optional[
                                                    (list(valid_paths), valid_weights), None],
                                   **common)
     sizes = [int(num_samples[0]), int(num_samples[1]), 0]
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:  # the rank megatron builds on
+        from megatron_patch.data.index_cache import repair_index_cache
+        for base in repair_index_cache(cache_dir):
+            note(f"note: dataset index cache {base} in {cache_dir} was damaged (a crash while "
+                 f"it was written?); rebuilding it")
     import logging
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank,

@@ -13,6 +13,7 @@ import re
 import time
 from typing import List, Optional, Tuple
 
+from megatron_patch.checkpoint.layout import find_checkpoint
 from megatron_patch.models.llama.parallel_layout import LayoutError, check_layout, \
     stage_layer_counts
 from megatron_patch.models.llama.presets import GENERATIONS, sizes
@@ -80,7 +81,11 @@ def env_int(env, name, default, minimum=1):
 
 # ---- data paths --------------------------------------------------------------------------
 def _split_paths(name: str, value: str) -> List[str]:
-    """'p' | 'p1 p2' | 'w1 p1 w2 p2' (Megatron's --data-path blend syntax)."""
+    """'p' | 'p1 p2' | 'w1 p1 w2 p2' (Megatron's --data-path blend syntax). A value that
+    names an existing dataset as a whole is one path, spaces and all."""
+    if value.strip() and (os.path.exists(value) or os.path.isfile(value + ".bin")
+                          or os.path.isfile(value + "_sft_meta.json")):
+        return [value]
     parts = value.split()
     if not parts:
         raise _err(name, value, "give a dataset path")
@@ -133,13 +138,15 @@ def _check_data(name: str, parts: List[str], kind: str) -> None:
             _check_prefix(name, p)
 
 
-def looks_like_checkpoint(path: str) -> bool:
+def check_checkpoint(name: str, path: str) -> None:
+    """A Megatron checkpoint directory with a complete, readable checkpoint in it."""
     if not os.path.isdir(path):
-        return False
-    names = os.listdir(path)
-    return ("latest_checkpointed_iteration.txt" in names or "release" in names
-            or any(re.fullmatch(r"iter_\d{7,}", n) for n in names)
-            or any(n.startswith("mp_rank_") for n in names))
+        raise _err(name, path, "must be none or a Megatron checkpoint directory "
+                   "(latest_checkpointed_iteration.txt with release/ or iter_N/)")
+    try:
+        find_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise _err(name, path, str(e).replace(f"{path}: ", "", 1)) from None
 
 
 def _sizes_line(generation: str) -> str:
@@ -207,6 +214,10 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     eval_interval = env_int(env, "MP_EVAL_INTERVAL", 10000)
     eval_iters = env_int(env, "MP_EVAL_ITERS", 10, 0)
     seed = env_int(env, "MP_SEED", 1234, 0)
+    max_nan = env_int(env, "MP_MAX_NAN_ITERS", 10)
+    nan_window = env_int(env, "MP_NAN_WINDOW", 100)
+    if max_nan > nan_window:
+        raise _err("MP_MAX_NAN_ITERS", max_nan, f"must be <= MP_NAN_WINDOW={nan_window}")
     split = env.get("MP_DATA_SPLIT", "") or "99,1,0"
     if not re.fullmatch(r"\d+(\.\d+)?(,\d+(\.\d+)?){0,2}", split):
         raise _err("MP_DATA_SPLIT", split, "train,valid,test weights such as 99,1,0")
@@ -283,9 +294,8 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
 
     ckpt = a["PRETRAIN_CHECKPOINT_PATH"]
     ckpt = None if ckpt.strip().lower() in ("none", "") else ckpt
-    if check_paths and ckpt is not None and not looks_like_checkpoint(ckpt):
-        raise _err("PRETRAIN_CHECKPOINT_PATH", ckpt, "must be none or a Megatron checkpoint "
-                   "directory (latest_checkpointed_iteration.txt with release/ or iter_N/)")
+    if check_paths and ckpt is not None:
+        check_checkpoint("PRETRAIN_CHECKPOINT_PATH", ckpt)
     if size == "auto" and ckpt is None:
         raise _err("MODEL_SIZE", "auto", "auto reads config.json next to "
                    "PRETRAIN_CHECKPOINT_PATH, which is none; give a size ("
@@ -309,11 +319,19 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
         checkpoint=CheckpointConfig(load=ckpt, save_interval=save_interval, output_base=out,
                                     kill_in_save_iter=kill_save),
         seed=seed, eval_interval=eval_interval, eval_iters=eval_iters, notes=notes,
+        max_nan_iters=max_nan, nan_window=nan_window,
         timestamp=timestamp or time.strftime("%Y.%m.%d-%H.%M.%S"),
     )
     cfg.run_name = run_name(cfg, a)
     if check_paths:
-        check_model_shape(cfg)
+        arch = model_arch(cfg)
+        check_model_shape(cfg, arch)
+        context = arch.max_position_embeddings
+        if cfg.data.sample_len > context:
+            notes.append(f"{'PAD_LEN' if sft else 'SEQ_LEN'}={cfg.data.sample_len} exceeds the "
+                         f"model's {context}-token context (max_position_embeddings): "
+                         "positions beyond it were never trained and rope is not rescaled "
+                         "for them (set rope_scaling in config.json to extend the context)")
     return cfg
 
 

@@ -36,6 +36,8 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from megatron_patch import checkpoint as ckpt_lib
+from megatron_patch.fsutil import atomic_write_json, sync_copy
+from megatron_patch.training.config import TrainingStopped
 from megatron_patch.models.llama import mapping
 
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
@@ -43,7 +45,12 @@ DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
 
 # ---- RNG -----------------------------------------------------------------------------------
 def rng_state() -> dict:
-    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+    # numpy's state as (name, keys tensor, pos, has_gauss, cached_gaussian): a numpy array
+    # would need numpy's unpickling globals, and checkpoints load with weights_only=True
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"random_rng_state": random.getstate(),
+             "np_rng_state": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                              int(has_gauss), float(cached)),
              "torch_rng_state": torch.get_rng_state(),
              "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -53,7 +60,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
+    name, keys, pos, has_gauss, cached = state["np_rng_state"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos,
+                         has_gauss, cached))
     torch.set_rng_state(state["torch_rng_state"])
     if "cuda_rng_state" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
@@ -129,7 +138,7 @@ def load_optimizer_state(optimizer, state: dict, distrib_files: Optional[list]) 
             path = distrib_files[i] if distrib_files else None
             param_state = None
             if opt.data_parallel_group.rank() == 0:
-                param_state = torch.load(path, map_location="cpu", weights_only=False)
+                param_state = ckpt_lib.safe_torch_load(path)
                 if isinstance(param_state, list):  # ChainedOptimizer wrote a list
                     param_state = param_state[i]
             opt.load_parameter_state_from_dp_zero(param_state)
@@ -178,9 +187,24 @@ def _distrib_files(rank_file: str, n: int) -> list:
             for i in range(n)]
 
 
+def count_nonfinite_weights(chunks) -> int:
+    """Non-finite values in the model weights, summed over every rank (collective)."""
+    local = sum(int((~torch.isfinite(p.detach())).sum()) for c in chunks
+                for p in c.parameters())
+    t = torch.tensor([local], dtype=torch.int64, device=next(chunks[0].parameters()).device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def save_checkpoint(run, iteration: int) -> str:
-    """Collective: every rank calls it. Returns the final iteration directory."""
+    """Collective: every rank calls it. Returns the final iteration directory. Weights with
+    NaN/Inf are never written: training stops instead (TrainingStopped)."""
     cfg = run.cfg
+    bad = count_nonfinite_weights(run.chunks)
+    if bad:
+        raise TrainingStopped(f"the weights hold {bad} NaN/Inf values at iteration {iteration}"
+                              f" (fp16 overflow or a too-high LR={cfg.optim.lr:g}); checkpoint "
+                              f"not written, stopping")
     root = cfg.checkpoint_dir
     rank = dist.get_rank()
     if rank == 0:
@@ -236,15 +260,13 @@ def save_checkpoint(run, iteration: int) -> str:
 
 def write_companions(run) -> None:
     """config.json (the model's HF config) and the tokenizer files next to the checkpoints,
-    so the converter (mg2hf, MODEL_SIZE auto) and a following SFT run find them."""
+    so the converter (mg2hf, MODEL_SIZE auto) and a following SFT run find them. Each is
+    written atomically and re-copied when it differs from its source (a crash during an
+    earlier copy must not leave a cut tokenizer.json behind for good)."""
     root = run.cfg.checkpoint_dir
     cfg_path = os.path.join(root, "config.json")
     if not os.path.exists(cfg_path):
-        import json
-        tmp = f"{cfg_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(run.arch.to_hf_config(), f, indent=2)
-        os.replace(tmp, cfg_path)
+        atomic_write_json(cfg_path, run.arch.to_hf_config())
     from megatron_patch.training.data_setup import tokenizer_dir
     try:
         src = tokenizer_dir(run.cfg)
@@ -252,23 +274,31 @@ def write_companions(run) -> None:
         src = None
     if src is None:
         return
-    import shutil
     for name in os.listdir(src):
-        if (name.startswith("tokenizer") or name in ("special_tokens_map.json",
-                                                     "generation_config.json")) \
-                and not os.path.exists(os.path.join(root, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(root, name))
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json",
+                                                    "generation_config.json"):
+            if os.path.isfile(os.path.join(src, name)):
+                sync_copy(os.path.join(src, name), os.path.join(root, name))
 
 
 # ---- load -----------------------------------------------------------------------------------
-def find_resume(root: str):
-    """The latest complete checkpoint under the run's checkpoint dir, or None."""
+def find_resume(root: str, warn=print):
+    """The latest complete, readable checkpoint under the run's checkpoint dir, or None.
+    Newer ones that are cut or incomplete (a crash, a full disk, a bad tracker file) are
+    passed over with one warning line each."""
     if not os.path.isdir(root):
         return None
     try:
         found = ckpt_lib.find_checkpoint(root)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if ckpt_lib.list_iterations(root) or os.path.exists(
+                os.path.join(root, ckpt_lib.TRACKER_FILENAME)):
+            warn(f"warning: no readable checkpoint to resume from: {e}")
         return None
+    for it, why in found.skipped:
+        where = ckpt_lib.iteration_dirname(it) if it is not None else ckpt_lib.TRACKER_FILENAME
+        warn(f"warning: skipping {os.path.join(root, where)}: {why}; resuming from "
+             f"{found.path}")
     return None if found.iteration == "release" else found
 
 
@@ -284,7 +314,7 @@ def load_resume_state(run, found) -> dict:
     ckpt_lib.load_model_shards(found.root, run.chunks, arch=run.arch,
                                iteration=found.iteration)
     f = found.file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
-    return torch.load(f, map_location="cpu", weights_only=False), f
+    return ckpt_lib.load_rank_file(f, mmap=False), f
 
 
 def restore_training_state(run, state: dict, rank_file: str) -> None:

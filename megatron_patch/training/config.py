@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     """A bad launcher argument or env knob; the message is the one line shown to the user."""
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (NaN/Inf iterations, non-finite weights); one line for the user."""
+
+
 @dataclass
 class ModelConfig:
     generation: str                   # llama | llama2 | llama3 | llama3_1 (from the wrapper)
@@ -113,6 +117,8 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 10000        # MP_EVAL_INTERVAL (Pai's default)
     eval_iters: int = 10              # MP_EVAL_ITERS
+    max_nan_iters: int = 10           # MP_MAX_NAN_ITERS: stop after this many NaN/Inf
+    nan_window: int = 100             # iterations within the last MP_NAN_WINDOW
     run_name: str = ""                # Pai's run name (from the raw arguments)
     timestamp: str = ""
     notes: List[str] = field(default_factory=list)  # shown at start-up (never silent)

@@ -10,6 +10,7 @@ skipped iterations, NaN/Inf detection, evaluation, checkpoints and automatic res
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import time
@@ -18,9 +19,22 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_patch.training.config import ConfigError, TrainConfig
+from megatron_patch.training.config import ConfigError, TrainConfig, TrainingStopped
 from megatron_patch.training.setup import Run, setup
 
+
+
+class RecentCount:
+    """How many marked iterations lie within the last ``window`` iterations."""
+
+    def __init__(self, window: int):
+        self.window, self.marks = window, collections.deque()
+
+    def add(self, iteration: int) -> int:
+        self.marks.append(iteration)
+        while self.marks[0] <= iteration - self.window:
+            self.marks.popleft()
+        return len(self.marks)
 
 
 # ---- one step --------------------------------------------------------------------------------
@@ -161,6 +175,7 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
     flops_per_iter = model_flops_per_token(run.arch, seq_len) * cfg.data.global_batch_size * seq_len
     tokens_per_iter = cfg.data.global_batch_size * seq_len
     start_iter = run.iteration
+    nan_window = RecentCount(cfg.nan_window)
     last_saved = run.iteration if start_iter > 0 else None
     checked_ids = False
     try:
@@ -205,9 +220,11 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
                     "throughput-tflops-per-device": tflops,
                     "skipped-iterations": run.skipped_iters, "nan-iterations": run.nan_iters},
                     samples=run.consumed_train_samples)
-            if run.nan_iters and run.nan_iters >= 10 and got_nan:
-                raise FloatingPointError(f"{run.nan_iters} iterations with NaN/Inf loss or "
-                                         f"gradients; stopping (lower LR, check the data)")
+            if got_nan and nan_window.add(run.iteration) >= cfg.max_nan_iters:
+                raise TrainingStopped(
+                    f"{cfg.max_nan_iters} of the last {cfg.nan_window} iterations had NaN/Inf "
+                    f"loss or gradients (MP_MAX_NAN_ITERS={cfg.max_nan_iters}); stopping at "
+                    f"iteration {run.iteration} (lower LR, check the data)")
             if run.iteration % cfg.eval_interval == 0 and run.iteration < cfg.optim.train_iters:
                 _eval_and_log(run, valid_ds, to_sample, seq_len, logger)
             last = run.iteration == cfg.optim.train_iters

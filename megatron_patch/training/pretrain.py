@@ -41,13 +41,31 @@ def main(argv=None) -> int:
         return 2
 
     from megatron_patch import parallel
+    from megatron_patch.checkpoint import UnsafeCheckpointError
+    from megatron_patch.training.config import TrainingStopped
     from megatron_patch.training.loop import train
     parallel.init_distributed()
+    # Every rank meets these errors alike (checks before any collective, or decisions
+    # shared by a collective): rank 0 says it, once.
+    say = int(os.environ.get("RANK", "0")) == 0
     try:
         train(cfg)
-    except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+    except (ConfigError, UnsafeCheckpointError, FileNotFoundError) as exc:
+        if say:
+            print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except (ValueError, KeyError) as exc:  # a checkpoint or dataset that does not fit
+        if os.environ.get("MP_DEBUG") == "1":
+            raise
+        if say:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"{prog}: error: {msg} (MP_DEBUG=1 shows where)", file=sys.stderr,
+                  flush=True)
+        return 2
+    except TrainingStopped as exc:
+        if say:
+            print(f"{prog}: stopped: {exc}", file=sys.stderr, flush=True)
+        return 3
     finally:
         parallel.destroy()
     return 0

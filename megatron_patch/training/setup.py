@@ -85,7 +85,7 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
                                 use_distributed_optimizer=cfg.optim.distributed_optimizer)
 
     # weights: resume from this run's own latest checkpoint, else the pretrained one
-    found = checkpointing.find_resume(cfg.checkpoint_dir)
+    found = checkpointing.find_resume(cfg.checkpoint_dir, warn=log)
     resume = None
     if found is not None:
         resume = checkpointing.load_resume_state(
