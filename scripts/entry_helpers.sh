@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Sourced by every shell entry point (POSIX sh: works under dash and bash):
 #   . "$ROOT/scripts/entry_helpers.sh"
 # The caller knows the repository root (a sourced file cannot find its own path under dash).
