@@ -19,8 +19,14 @@
 #   default 1: data parallel when >1), TOKENIZER (HF tokenizer dir for a Megatron checkpoint,
 #   default the checkpoint's own copy), PRECISION (fp32|bf16|fp16), MODEL_ARGS (extra
 #   key=value,... for --model_args), DEVICE (cuda|cpu, default: cuda when nvidia-smi sees a
-#   GPU), MAIN_PROCESS_PORT (29051), PYTHON (python), ACCELERATE (accelerate).
+#   GPU), MAIN_PROCESS_PORT (29051), MP_PYTHON (interpreter; default the repository's
+#   .venv/bin/python, else python3), ACCELERATE (an accelerate command to use instead of
+#   MP_PYTHON -m accelerate.commands.launch).
 set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+. "$ROOT/scripts/entry_helpers.sh"
+mp_help_if_asked "$0" "$@"
 
 die() { echo "run_eval.sh: error: $*" >&2; exit 2; }
 usage="usage: sh run_eval.sh MODEL_PATH TASKS BATCH_SIZE [OUTPUT_PATH] [lm_eval options...]"
@@ -38,10 +44,7 @@ if [ "$#" -ge 1 ]; then
     esac
 fi
 
-HERE=$(cd "$(dirname "$0")" && pwd)
 TASKS_DIR="$HERE/tasks"
-PYTHON=${PYTHON:-python}
-ACCELERATE=${ACCELERATE:-accelerate}
 PORT=${MAIN_PROCESS_PORT:-29051}
 TP=${TP:-1}
 PP=${PP:-1}
@@ -56,6 +59,8 @@ for v in TP PP; do
 done
 [ -n "$TASKS" ] || die "TASKS is empty; $usage"
 [ -d "$MODEL_PATH" ] || die "MODEL_PATH=$MODEL_PATH: no such directory"
+mp_python run_eval.sh "$ROOT" || exit 2
+PYTHON=$MP_PYTHON
 
 # offline: never reach the hub
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -115,11 +120,6 @@ fi
 "$PYTHON" "$HERE/preflight.py" --model "$MODEL" --model_args "$ARGS" --tasks "$TASKS" \
     --include_path "$TASKS_DIR" "$@" || exit 2
 
-if command -v "$ACCELERATE" >/dev/null 2>&1; then
-    LAUNCHER="$ACCELERATE launch"
-else
-    LAUNCHER="$PYTHON -m accelerate.commands.launch"
-fi
 if [ "$NPROC" -gt 1 ]; then
     LAUNCH="--multi_gpu --num_processes $NPROC"
 elif [ "$DEVICE" = cpu ]; then
@@ -132,7 +132,14 @@ fi
 set -- --model "$MODEL" --model_args "$ARGS" --tasks "$TASKS" --batch_size "$BATCH_SIZE" \
     --device "$DEVICE" --include_path "$TASKS_DIR" "$@"
 [ -z "$OUTPUT_PATH" ] || set -- "$@" --output_path "$OUTPUT_PATH"
-echo "run_eval.sh: $LAUNCHER $LAUNCH --main_process_port $PORT -m $MODULE $*" >&2
-# shellcheck disable=SC2086  # LAUNCHER/LAUNCH are word lists
-exec $LAUNCHER $LAUNCH --num_machines 1 --mixed_precision no --dynamo_backend no \
+# shellcheck disable=SC2086  # LAUNCH is a word list
+set -- $LAUNCH --num_machines 1 --mixed_precision no --dynamo_backend no \
     --main_process_port "$PORT" -m "$MODULE" "$@"
+if [ -n "${ACCELERATE:-}" ]; then
+    echo "run_eval.sh: $ACCELERATE launch $*" >&2
+    # shellcheck disable=SC2086  # ACCELERATE may be a word list
+    exec $ACCELERATE launch "$@"
+fi
+# accelerate from the same interpreter (an `accelerate` on PATH may belong to another environment)
+echo "run_eval.sh: $PYTHON -m accelerate.commands.launch $*" >&2
+exec "$PYTHON" -m accelerate.commands.launch "$@"

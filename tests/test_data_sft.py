@@ -229,7 +229,7 @@ def test_bad_sft_records(tmp_path, llama3_tokenizer, spm_tokenizer, capsys):
 def test_sft_wrapper_from_another_directory(tmp_path, llama3_tokenizer_dir, llama3_tokenizer):
     conv = tmp_path / "conv.json"
     convert_alpaca_file(bundled_sft_path("alpaca"), str(conv))
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, MP_PYTHON=sys.executable, HF_HUB_OFFLINE="1")
     script = str(SFT_DIR / "run_build_idxmap_sft_dataset.sh")
     bad = subprocess.run(["sh", script, str(conv), "LLama3Tokenizer", "12x", "out",
                           llama3_tokenizer_dir],

@@ -124,7 +124,7 @@ def test_missing_task_data(preflight, official, tmp_path, monkeypatch):
 def test_missing_task_data_from_run_script(tmp_path):
     """What the user sees: one line, exit status 2, nothing launched."""
     (tmp_path / "config.json").write_text("{}")
-    env = dict(os.environ, PYTHON=sys.executable, MMLU_DIR=str(tmp_path / "nowhere"))
+    env = dict(os.environ, MP_PYTHON=sys.executable, MMLU_DIR=str(tmp_path / "nowhere"))
     p = subprocess.run(["sh", os.path.join(HARNESS, "run_eval.sh"), str(tmp_path), "mmlu", "4"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 2
@@ -210,7 +210,7 @@ def test_wrong_checkpoint_path_in_library_and_clis(tmp_path, capsys):
 
 
 def test_run_script_argument_errors(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = dict(os.environ, MP_PYTHON=sys.executable)
     script = os.path.join(HARNESS, "run_eval.sh")
     for args, message in (
             ([str(tmp_path / "nope"), "mp_tiny_mmlu", "8"],

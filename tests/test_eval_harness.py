@@ -31,7 +31,7 @@ TOL = 1e-4    # fp32: the two paths differ only by summation order
 def _env():
     env = dict(os.environ)
     venv_bin = os.path.dirname(sys.executable)
-    env.update(PATH=venv_bin + os.pathsep + env.get("PATH", ""), PYTHON=sys.executable,
+    env.update(PATH=venv_bin + os.pathsep + env.get("PATH", ""), MP_PYTHON=sys.executable,
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", DEVICE="cpu", TQDM_DISABLE="1", PYTHONIOENCODING="utf-8")
     return env

@@ -20,7 +20,7 @@
 #      MP_SFT_PACKING=true|false, MP_TOKENIZER (HF tokenizer dir for SFT when none sits next
 #      to the checkpoint), MP_EVAL_INTERVAL (10000), MP_EVAL_ITERS (10), MP_DATA_SPLIT
 #      (99,1,0), MP_SEED (1234), MP_NPROC, MP_MASTER_PORT (dsw; default a free port),
-#      MP_PYTHON (interpreter).
+#      MP_PYTHON (interpreter; default the repository's .venv/bin/python, else python3).
 # Output: OUTPUT_BASEPATH/checkpoint/<run name> (resumed automatically when it holds a
 #      complete checkpoint), OUTPUT_BASEPATH/tensorboard/<run name>_<time>,
 #      OUTPUT_BASEPATH/log/<run name>_<time>.log (everything printed, all ranks).
@@ -33,22 +33,17 @@
 MP_LAUNCHER_NAME=${MP_LAUNCHER_NAME:-$(basename "$0")}
 export MP_LAUNCHER_NAME
 ROOT=$(cd "$(dirname "$0")/../.." && pwd) || exit 1
+. "$ROOT/scripts/entry_helpers.sh"
+mp_help_if_asked "$0" "$@"
 
 if [ -z "${MP_GENERATION:-}" ]; then
     echo "$MP_LAUNCHER_NAME: error: MP_GENERATION is not set: run a per-generation wrapper (examples/llama3_1/run_mcore_llama3_1.sh, ...) or set MP_GENERATION=llama|llama2|llama3|llama3_1" >&2
     exit 2
 fi
 
-if [ -n "${MP_PYTHON:-}" ]; then
-    PY=$MP_PYTHON
-elif command -v python3 >/dev/null 2>&1; then
-    PY=python3
-elif command -v python >/dev/null 2>&1; then
-    PY=python
-else
-    echo "$MP_LAUNCHER_NAME: error: no python3 found (set MP_PYTHON)" >&2
-    exit 2
-fi
+# MP_PYTHON, else the repository's .venv, else python3 (scripts/entry_helpers.sh)
+mp_python "$MP_LAUNCHER_NAME" "$ROOT" || exit 2
+PY=$MP_PYTHON
 
 # Validate the 25 arguments and plan the processes (prints MP_PLAN_* assignments).
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -6,4 +6,7 @@
 MP_GENERATION=llama2
 MP_LAUNCHER_NAME=${MP_LAUNCHER_NAME:-$(basename "$0")}
 export MP_GENERATION MP_LAUNCHER_NAME
+case "${1:-}" in   # this header (the sizes), then the launcher's manual
+    -h|--help) . "$(dirname "$0")/../../scripts/entry_helpers.sh"; mp_print_help "$0"; echo ;;
+esac
 exec sh "$(dirname "$0")/../llama/run_mcore_llama.sh" "$@"

@@ -8,17 +8,28 @@
 #   6. megatron-core -> HF conversion of the SFT checkpoint
 #   7. generation with transformers from the converted model
 # Usage: sh examples/quickstart/run_quickstart.sh [OUTPUT_DIR]   (default ./output_quickstart)
-# Env: PRETRAIN_ITERS (30), SFT_ITERS (5), MP_PYTHON (default .venv/bin/python if present).
+# Complete by itself on a fresh clone: first sets up .venv when it is missing or outdated
+# (scripts/setup_venv.sh: a few minutes the first time, under a second afterwards).
+# Env: PRETRAIN_ITERS (30), SFT_ITERS (5), MP_PYTHON (use that interpreter, no .venv setup).
 set -eu
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$ROOT/scripts/entry_helpers.sh"
+mp_help_if_asked "$0" "$@"
+case "${1:-}" in
+    -*) echo "run_quickstart.sh: error: unknown option '$1' (usage: sh examples/quickstart/run_quickstart.sh [OUTPUT_DIR])" >&2; exit 2 ;;
+esac
+if [ $# -gt 1 ]; then
+    echo "run_quickstart.sh: error: expected at most one argument, OUTPUT_DIR; got $#" >&2
+    exit 2
+fi
+if [ -z "${MP_PYTHON:-}" ]; then
+    sh "$ROOT/scripts/setup_venv.sh"
+fi
+mp_python run_quickstart.sh "$ROOT" || exit 2
+PY=$MP_PYTHON
 OUT=${1:-$PWD/output_quickstart}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [ -z "${MP_PYTHON:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then MP_PYTHON=$ROOT/.venv/bin/python; else MP_PYTHON=python3; fi
-fi
-export MP_PYTHON
-PY=$MP_PYTHON
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 PRETRAIN_ITERS=${PRETRAIN_ITERS:-30}

@@ -4,6 +4,9 @@
 #   mp_convert SCRIPT_NAME SIZE_HELP QUALIFIED_MODEL_SIZE "$@"
 # QUALIFIED_MODEL_SIZE is "auto" or GENERATION-SIZE (already checked by the caller).
 
+# the interpreter rule and --help shared by all entry scripts
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/scripts/entry_helpers.sh"
+
 MP_CONVERT_USAGE="MODEL_SIZE SOURCE_CKPT_PATH TARGET_CKPT_PATH TP PP mg2hf CHECK CHECK_ONLY PR [HF_CKPT_PATH]"
 
 mp_convert() {
@@ -42,10 +45,8 @@ mp_convert() {
     # the repository this script lives in, so the converter runs from a plain checkout too
     local repo
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
-    local py="${MP_PYTHON:-}"
-    if [ -z "$py" ]; then
-        if [ -x "$repo/.venv/bin/python" ]; then py="$repo/.venv/bin/python"; else py="python3"; fi
-    fi
+    mp_python "$script" "$repo" || return 2
+    local py="$MP_PYTHON"
     # megatron-core warns at import that TE/apex are absent; the converter needs neither
     local quiet="ignore:Transformer Engine and Apex are not installed,ignore:Apex is not installed"
     # the converter is CPU work (streaming I/O; the check runs both models on the CPU)

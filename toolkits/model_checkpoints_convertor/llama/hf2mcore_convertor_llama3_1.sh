@@ -10,6 +10,7 @@
 # stage, MP_HF_SHARD_SIZE=4G, MP_CHECK_LONG=0, TQDM_DISABLE=1 (see megatron_patch/conversion/cli.py).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/convert_common.sh"
+mp_help_if_asked "$0" "$@"
 size="${1:-}"
 case "$size" in
     8B|70B|405B|tiny) model="llama3_1-$size" ;;

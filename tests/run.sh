@@ -1,0 +1,28 @@
+#!/bin/sh
+# The test suite, complete by itself on a fresh clone: sets up .venv when it is missing or
+# outdated (scripts/setup_venv.sh), then runs pytest with .venv's Python.
+# Usage: sh tests/run.sh [PYTEST_ARGS...]     (from any directory)
+#   no arguments: the whole suite (tests/); otherwise the arguments go to pytest as they are,
+#   e.g. sh tests/run.sh tests/test_presets.py -x
+# Env: MP_PYTHON=/path/to/python runs pytest with that interpreter instead, without setup.
+# Exit status: pytest's, except that collecting no tests (pytest's 5) is a failure (1).
+# .ci/run runs exactly this command on a clean clone.
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/scripts/entry_helpers.sh"
+mp_help_if_asked "$0" "$@"
+if [ -z "${MP_PYTHON:-}" ]; then
+    sh "$ROOT/scripts/setup_venv.sh"
+fi
+mp_python run.sh "$ROOT" || exit 2
+[ $# -gt 0 ] || set -- "$ROOT/tests"
+echo "tests: $MP_PYTHON -m pytest $*"
+set +e
+"$MP_PYTHON" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "tests/run.sh: error: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$rc"
