@@ -117,7 +117,7 @@ if [ -z "${DEVICE:-}" ]; then
 fi
 
 # one clear line for a wrong path, an unknown task or missing task data
-"$PYTHON" "$HERE/preflight.py" --model "$MODEL" --model_args "$ARGS" --tasks "$TASKS" \
+"$PYTHON" -m megatron_patch.evaluation.preflight --model "$MODEL" --model_args "$ARGS" --tasks "$TASKS" \
     --include_path "$TASKS_DIR" "$@" || exit 2
 
 if [ "$NPROC" -gt 1 ]; then

@@ -1,6 +1,5 @@
 """Offline task data in the official layouts, and the three user mistakes that must end in
 one clear error: missing task data, an unknown task name, a wrong model/checkpoint path."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,24 +11,16 @@ HARNESS = os.path.join(REPO, "LM-Evaluation-Harness")
 TASKS_DIR = os.path.join(HARNESS, "tasks")
 
 
-def _module(name, path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def preflight():
-    return _module("megatron_patch_eval_preflight", os.path.join(HARNESS, "preflight.py"))
+    from megatron_patch.evaluation import preflight
+    return preflight
 
 
 @pytest.fixture(scope="module")
-def local_data(preflight):
-    return preflight.local_data()
+def local_data():
+    from megatron_patch.evaluation import task_data
+    return task_data
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +107,7 @@ def test_missing_task_data(preflight, official, tmp_path, monkeypatch):
     bad = tmp_path / "bad" / "data" / "test"
     bad.mkdir(parents=True)
     (bad / "anatomy_test.csv").write_text("Q?,a,b,c,d,E\n")
-    local_data = preflight.local_data()
+    from megatron_patch.evaluation import task_data as local_data
     with pytest.raises(local_data.TaskDataError, match=r"anatomy_test.csv:1: answer 'E'"):
         local_data.load("mmlu", "anatomy", ["test"], mmlu_dir=str(tmp_path / "bad"))
 

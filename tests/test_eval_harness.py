@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(REPO, "LM-Evaluation-Harness")
 TASKS_DIR = os.path.join(HARNESS, "tasks")
 TASK = "mp_tiny_mmlu"
+BUNDLED_DIR = os.path.join(REPO, "megatron_patch", "evaluation", "assets", TASK)  # its CSVs
 N_ITEMS = 36  # test questions of the bundled task
 TOL = 1e-4    # fp32: the two paths differ only by summation order
 
@@ -95,7 +96,7 @@ def accuracy(lls):
     """Fraction of questions whose best-scored choice is the answer (bundled CSVs)."""
     answers = {}
     for split in ("arithmetic", "general_science"):
-        with open(os.path.join(TASKS_DIR, TASK, "data", "test", f"{split}_test.csv")) as f:
+        with open(os.path.join(BUNDLED_DIR, "test", f"{split}_test.csv")) as f:
             for row in csv.reader(f):
                 answers[row[0]] = "ABCD".index(row[5])
     right = sum(max(range(4), key=lambda i: lls[(q, i)]) == a for q, a in answers.items())

@@ -31,7 +31,8 @@ LAYERS = [
     ("megatron_patch.evaluation", 6),
 ]
 # importable without torch (the launcher validates its arguments in well under a second)
-LIGHT = ["megatron_patch.cli_args", "megatron_patch.fsutil", "megatron_patch.models.llama.arch",
+LIGHT = ["megatron_patch.evaluation.preflight", "megatron_patch.evaluation.task_data",
+         "megatron_patch.cli_args", "megatron_patch.fsutil", "megatron_patch.models.llama.arch",
          "megatron_patch.models.llama.presets", "megatron_patch.models.llama.resolve",
          "megatron_patch.models.llama.parallel_layout", "megatron_patch.training.config",
          "megatron_patch.training.arguments", "megatron_patch.training.launch_plan"]

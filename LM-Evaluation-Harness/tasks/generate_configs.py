@@ -1,38 +1,23 @@
-"""Write the lm-eval task YAMLs of this folder from catalog.py.
+"""Write the lm-eval task YAMLs of this folder from megatron_patch.evaluation.task_catalog.
 
     python LM-Evaluation-Harness/tasks/generate_configs.py
 
 One folder per benchmark: a template (``_template_yaml``, not indexed as a task), a group
 YAML and one YAML per subject, plus ``utils.py`` (lm-eval resolves ``!function utils.load``
-next to the YAML; it forwards to ../local_data.py).
+to a file next to the YAML; it re-exports the one loader, megatron_patch.evaluation.task_data).
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
+
+from megatron_patch.evaluation.task_catalog import BENCHMARKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import catalog  # noqa: E402
 
-SHIM = '''"""`!function utils.load` resolves next to the YAML; the loader is ../local_data.py."""
-import importlib.util
-import os
-import sys
-
-_NAME = "megatron_patch_eval_local_data"
-if _NAME not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(
-        _NAME, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "local_data.py"))
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules[_NAME] = _mod
-    try:
-        _spec.loader.exec_module(_mod)
-    except BaseException:
-        del sys.modules[_NAME]
-        raise
-load = sys.modules[_NAME].load
+SHIM = '''"""lm-eval resolves `!function utils.load` next to the YAML: the loader is
+megatron_patch.evaluation.task_data (written by ../generate_configs.py)."""
+from megatron_patch.evaluation.task_data import load  # noqa: F401
 '''
 
 CHOICES = '"{{question.strip()}}\\nA. {{A}}\\nB. {{B}}\\nC. {{C}}\\nD. {{D}}\\n'
@@ -54,43 +39,6 @@ def template(test_split_key: str, test_split: str, answer_word: str, version: in
         "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
         f"metadata:\n  version: {version}\n")
 
-
-BENCHMARKS = {
-    # folder: (group, task prefix, benchmark key, subjects, splits, description, template args)
-    "mmlu_local": dict(
-        group="mmlu_local", prefix="mmlu_local_", benchmark="mmlu", subjects=catalog.MMLU,
-        splits=["dev", "test"],
-        describe=lambda s, v: ("The following are multiple choice questions (with answers) "
-                               f"about {s.replace('_', ' ')}.\n\n"),
-        template=("test_split", "test", "Answer:", 1)),
-    "cmmlu_local": dict(
-        group="cmmlu_local", prefix="cmmlu_local_", benchmark="cmmlu", subjects=catalog.CMMLU,
-        splits=["dev", "test"],
-        describe=lambda s, zh: f"以下是关于{zh}的单项选择题，请直接给出正确答案的选项。\n\n",
-        template=("test_split", "test", "答案：", 1)),
-    "ceval_local": dict(
-        group="ceval_local-valid", prefix="ceval_local-valid_", benchmark="ceval",
-        subjects=catalog.CEVAL, splits=["dev", "validation"],
-        describe=lambda s, zh: f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n",
-        template=("validation_split", "validation", "答案：", 1)),
-    "mp_tiny_mmlu": dict(
-        group="mp_tiny_mmlu", prefix="mp_tiny_mmlu_", benchmark="bundled",
-        subjects=catalog.BUNDLED, splits=["dev", "test"],
-        describe=lambda s, name: ("The following are multiple choice questions (with answers) "
-                                  f"about {name}.\n\n"),
-        template=("test_split", "test", "Answer:", 1)),
-}
-
-
-def task_table() -> dict:
-    """task or group name -> (benchmark, [subjects], [splits]); used by the preflight."""
-    table = {}
-    for b in BENCHMARKS.values():
-        subs = list(b["subjects"])
-        table[b["group"]] = (b["benchmark"], subs, b["splits"])
-        for s in subs:
-            table[b["prefix"] + s] = (b["benchmark"], [s], b["splits"])
-    return table
 
 
 def _q(s: str) -> str:

@@ -10,8 +10,8 @@ Why a module of our own: lm-eval 0.4.13 finds models only in its registry (its o
 ``lm_eval.models`` table or classes registered in the running process) and loads no plugins,
 so ``python -m lm_eval --model megatron_patch`` cannot know our class. This entry registers it
 and then runs lm-eval's unchanged CLI (every lm-eval option works; ``--model hf`` too).
-Before that it runs LM-Evaluation-Harness/preflight.py's checks (model path, task names,
-offline task data) so a mistake ends in one line, from rank 0 only.
+Before that it runs megatron_patch.evaluation.preflight (model path, task names, offline
+task data) so a mistake ends in one line, from rank 0 only.
 """
 from __future__ import annotations
 
@@ -34,18 +34,14 @@ def register() -> None:
 
 
 def _preflight(argv) -> int:
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.normpath(os.path.join(here, "..", "..", "LM-Evaluation-Harness", "preflight.py"))
-    if not os.path.isfile(path) or os.environ.get("MP_EVAL_SKIP_PREFLIGHT") == "1":
+    """Model path, task names and offline task data checked before lm-eval starts
+    (MP_EVAL_SKIP_PREFLIGHT=1 skips it, e.g. for task folders the check cannot read)."""
+    if os.environ.get("MP_EVAL_SKIP_PREFLIGHT") == "1":
         return 0
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("megatron_patch_eval_preflight", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    from megatron_patch.evaluation import preflight
     try:
-        mod.run(argv)
-    except mod.PreflightError as e:
+        preflight.run(argv)
+    except preflight.PreflightError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2

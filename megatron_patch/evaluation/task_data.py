@@ -1,7 +1,8 @@
 """Offline loaders for MMLU, CMMLU and C-Eval in their official file layouts, and for the
-bundled tiny task. Used by the task YAMLs (``custom_dataset: !function utils.load``) and by
-the run script's preflight check. No network, no megatron_patch import (the ``--model hf``
-path stays light).
+bundled tiny task (its data ships in the package, assets/mp_tiny_mmlu). Used by the task
+YAMLs of LM-Evaluation-Harness/tasks (``custom_dataset: !function utils.load``, each
+folder's utils.py re-exports ``load``) and by the preflight check. No network, no torch:
+the ``--model hf`` path stays light.
 
 Where the data lives (first match wins):
   1. ``--metadata mmlu_dir=/path`` (lm-eval passes metadata and model_args to the loader)
@@ -23,8 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUNDLED_DIR = os.path.join(HERE, "mp_tiny_mmlu")
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mp_tiny_mmlu")
 LETTERS = ("A", "B", "C", "D")
 
 
@@ -81,7 +81,7 @@ LAYOUT_HELP = {
 def data_root(benchmark: str, metadata: dict | None = None) -> str:
     """The folder holding ``benchmark``'s files, or TaskDataError saying how to give it."""
     if benchmark == "bundled":
-        return os.path.join(BUNDLED_DIR, "data")
+        return BUNDLED_DIR
     lay = LAYOUTS[benchmark]
     metadata = metadata or {}
     env = lay.key.upper() + "_DIR"

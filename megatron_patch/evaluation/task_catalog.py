@@ -1,5 +1,7 @@
-"""Subjects of MMLU, CMMLU and C-Eval (names as in the official file names) and the
-bundled tiny task. Read by generate_configs.py and by the preflight check."""
+"""The offline evaluation tasks of this project: subjects of MMLU, CMMLU and C-Eval (names as
+in the official file names), the bundled tiny task, and the task/group table. Read by the
+preflight check and by LM-Evaluation-Harness/tasks/generate_configs.py (which writes the
+task YAMLs from it)."""
 
 # subject -> category (stem, humanities, social_sciences, other)
 MMLU = {
@@ -190,3 +192,41 @@ CEVAL = {
 
 # the bundled task (MMLU layout, written for this project): subject -> display name
 BUNDLED = {'arithmetic': 'arithmetic', 'general_science': 'general science'}
+
+
+BENCHMARKS = {
+    # folder: (group, task prefix, benchmark key, subjects, splits, description, template args)
+    "mmlu_local": dict(
+        group="mmlu_local", prefix="mmlu_local_", benchmark="mmlu", subjects=MMLU,
+        splits=["dev", "test"],
+        describe=lambda s, v: ("The following are multiple choice questions (with answers) "
+                               f"about {s.replace('_', ' ')}.\n\n"),
+        template=("test_split", "test", "Answer:", 1)),
+    "cmmlu_local": dict(
+        group="cmmlu_local", prefix="cmmlu_local_", benchmark="cmmlu", subjects=CMMLU,
+        splits=["dev", "test"],
+        describe=lambda s, zh: f"以下是关于{zh}的单项选择题，请直接给出正确答案的选项。\n\n",
+        template=("test_split", "test", "答案：", 1)),
+    "ceval_local": dict(
+        group="ceval_local-valid", prefix="ceval_local-valid_", benchmark="ceval",
+        subjects=CEVAL, splits=["dev", "validation"],
+        describe=lambda s, zh: f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n",
+        template=("validation_split", "validation", "答案：", 1)),
+    "mp_tiny_mmlu": dict(
+        group="mp_tiny_mmlu", prefix="mp_tiny_mmlu_", benchmark="bundled",
+        subjects=BUNDLED, splits=["dev", "test"],
+        describe=lambda s, name: ("The following are multiple choice questions (with answers) "
+                                  f"about {name}.\n\n"),
+        template=("test_split", "test", "Answer:", 1)),
+}
+
+
+def task_table() -> dict:
+    """task or group name -> (benchmark, [subjects], [splits]); used by the preflight."""
+    table = {}
+    for b in BENCHMARKS.values():
+        subs = list(b["subjects"])
+        table[b["group"]] = (b["benchmark"], subs, b["splits"])
+        for s in subs:
+            table[b["prefix"] + s] = (b["benchmark"], [s], b["splits"])
+    return table
