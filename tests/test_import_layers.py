@@ -34,7 +34,7 @@ LIGHT = ["megatron_patch.cli_args", "megatron_patch.models.llama.arch",
          "megatron_patch.models.llama.presets", "megatron_patch.models.llama.resolve",
          "megatron_patch.models.llama.parallel_layout", "megatron_patch.training.config",
          "megatron_patch.training.arguments", "megatron_patch.training.launch_plan"]
-HEAVY = ("torch", "numpy", "megatron", "transformers", "safetensors")
+HEAVY = ("torch", "numpy", "megatron", "transformers", "safetensors", "torchao")
 
 
 def layer_of(module: str):
