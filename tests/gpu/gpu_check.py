@@ -57,7 +57,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(ROOT, "examples", "llama3", "run_mcore_llama3.sh")
 RESULT = "GPU_CHECK_RESULT "
-BUDGET_S = 570          # the whole check; steps not started by then are failures
+BUDGET_S = 540          # the whole check (the device tool allows 600 s a command, wheels included)
 GOAL_SPEEDUP, GOAL_MFU = 1.15, 0.60
 
 
