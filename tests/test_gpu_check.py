@@ -98,6 +98,9 @@ def test_cpu_rehearsal_runs_every_step(tmp_path):
     assert max(abs(a - b) / b for a, b in zip(fp8["losses"], bf16["losses"])) < 0.02
     assert hf["attn_implementation"] == "sdpa" and hf["tokens_per_s"] > 0
     assert s["speedup_vs_hf"] == round(bf16["tokens_per_s"] / hf["tokens_per_s"], 3)
-    assert 0 < bf16["mfu"] and "goals" in s
+    assert bf16["tflops"] == pytest.approx(bf16["tokens_per_s"] * s["prepare"]["flops_per_token"]
+                                           / 1e12)
+    assert bf16["mfu"] == round(bf16["tflops"] / s["matmul_peak_bf16_tflops"], 4) > 0
+    assert "goals" in s
     for name in ("gpu_check.json", "steps.log", "train_bf16.log", "train_fp8.log"):
         assert (out / name).is_file(), name

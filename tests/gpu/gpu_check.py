@@ -198,8 +198,10 @@ def step_prepare(shape: Shape, work: str) -> dict:
     w.add_documents(ids, [doc] * docs)
     w.finish()
     w.commit()
+    from megatron_patch.training.train_log import model_flops_per_token
     return {"model": f"Llama-3-8B shapes, {arch.num_layers} layers" if not shape.rehearsal
             else f"llama3 tiny, {arch.num_layers} layers", "parameters": n_params,
+            "flops_per_token": model_flops_per_token(arch, shape.seq),
             "hf_dir": hf_dir, "checkpoint": ckpt, "data": prefix, "tokens": int(ids.size),
             "convert_s": round(time.time() - t0, 1)}
 
@@ -305,7 +307,8 @@ def parse_iterations(log: str) -> list:
              "tokens_per_s": float(m[3]), "tflops": float(m[4])} for m in _ITER.findall(log)]
 
 
-def train_run(shape: Shape, work: str, pr: str, log_path: str, timeout: float) -> dict:
+def train_run(shape: Shape, work: str, pr: str, log_path: str, timeout: float,
+              flops_per_token: float) -> dict:
     prep = os.path.join(work, "data", "random_text_document")
     out = os.path.join(work, f"train_{pr}")
     tokens = shape.gbs * shape.seq
@@ -328,8 +331,11 @@ def train_run(shape: Shape, work: str, pr: str, log_path: str, timeout: float) -
         res["error_tail"] = log.splitlines()[-40:]
         return res
     steady = its[shape.warmup_iters:]
-    res.update(tokens_per_s=statistics.median(i["tokens_per_s"] for i in steady),
-               tflops=statistics.median(i["tflops"] for i in steady),
+    tps = statistics.median(i["tokens_per_s"] for i in steady)
+    # TFLOP/s from tokens/s and the trainer's own FLOP formula (train_log.model_flops_per_token,
+    # which the hf_sdpa step uses too); the log's value is rounded to 3 decimals
+    res.update(tokens_per_s=tps, tflops=tps * flops_per_token / 1e12,
+               tflops_logged=statistics.median(i["tflops"] for i in steady),
                iteration_ms=[i["ms"] for i in its])
     fp8_line = [line for line in log.splitlines() if "fp8 via" in line]
     res["fp8_path"] = fp8_line[0].strip("> ") if fp8_line else None
@@ -436,7 +442,8 @@ class Check:
         t0 = time.time()
         with MemorySampler(not self.shape.rehearsal) as mem:
             try:
-                res = train_run(self.shape, self.work, pr, log_path, min(timeout, self.left()))
+                res = train_run(self.shape, self.work, pr, log_path, min(timeout, self.left()),
+                                self.summary["prepare"]["flops_per_token"])
             except subprocess.TimeoutExpired:
                 self.fail(f"train_{pr}: timed out")
                 return None
@@ -455,7 +462,7 @@ class Check:
                       "tests/gpu/gpu_check.py")
             return self.finish()
         peak = self.step("peak", 60)
-        s["matmul_peak_bf16_tflops"] = peak and round(peak["bf16_matmul_tflops"], 1)
+        s["matmul_peak_bf16_tflops"] = peak and round(peak["bf16_matmul_tflops"], 4)
         s["prepare"] = self.step("prepare", 240)
         if not s["prepare"]:
             return self.finish()
