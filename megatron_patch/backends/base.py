@@ -50,8 +50,9 @@ class Backend:
         return overrides
 
     def kernel_overrides(self, flash_attn: bool) -> dict:
-        """Fused kernels and attention choices: none beyond models/llama/config.py's
-        defaults (every fused kernel off) unless the backend knows its package is there."""
+        """Kernel and device choices (fused kernels, attention, where weights are
+        initialised): none beyond models/llama/config.py's defaults (every fused kernel off)
+        unless the backend knows the package providing a kernel is there."""
         return {}
 
     def fp8_path(self):
