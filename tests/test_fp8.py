@@ -10,7 +10,10 @@ In-process:
   changes no parameter or state-dict entry, and is idempotent;
 - gradient-accumulation fusion is refused; PR=fp8 with neither TE nor torchao is one line
   from the argument check, and the npu backend refuses it.
-Two gloo processes (slow): TP=1 (DP=2), TP=2 and TP=2+SP train 20 iterations in fp8 within
+Two gloo processes (slow): at TP=2 (and TP=2+SP) a routed column -> row linear pair equals
+its float64 construction from both ranks' shards (the input gradient is the sum of the ranks'
+float8 partial products: megatron's communication kept); TP=1 (DP=2), TP=2 and TP=2+SP train
+20 iterations in fp8 within
 2 % of the bf16 losses (and not equal to them) with the counted float8 matmuls; an fp8
 checkpoint loads into a bf16 run and back with identical weights, holds the same tensors
 as a bf16 checkpoint, and the converter exports it (CHECK passes).
@@ -181,6 +184,36 @@ def _weights(chunks) -> dict:
             if v is not None and not k.endswith("_extra_state")}
 
 
+def _tp2_mlp(sp: bool) -> dict:
+    """A routed ColumnParallelLinear -> RowParallelLinear pair at TP=2 (with or without
+    sequence parallelism): this rank's shards, inputs, intermediate and gradients."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_patch import parallel
+    parallel.initialize_model_parallel(tp=2)
+    rank = torch.distributed.get_rank()
+    cfg = _linear_config(tensor_model_parallel_size=2, sequence_parallel=sp)
+    init = torch.nn.init.normal_
+    col = ColumnParallelLinear(64, 96, config=cfg, init_method=init, bias=False,
+                               gather_output=False)
+    row = RowParallelLinear(96, 64, config=cfg, init_method=init, bias=False,
+                            input_is_parallel=True, skip_bias_add=True)
+    fp8.route_parallel_linears_to_float8(torch.nn.ModuleDict({"col": col, "row": row}),
+                                         fp8.float8_config(emulate=True))
+    g = torch.Generator().manual_seed(0)  # the same full x and dy on both ranks
+    x_full = torch.randn(8, 2, 64, generator=g).to(torch.bfloat16)
+    dy_full = torch.randn(8, 2, 64, generator=g).to(torch.bfloat16)
+    x = (x_full.chunk(2)[rank] if sp else x_full).clone().requires_grad_()
+    dy = dy_full.chunk(2)[rank] if sp else dy_full
+    h, _ = col(x)
+    h.retain_grad()
+    y, _ = row(h)
+    y.backward(dy)
+    return {k: v.detach().clone() for k, v in dict(
+        x_full=x_full, dy_full=dy_full, wc=col.weight, wr=row.weight, h=h, y=y, dx=x.grad,
+        dh=h.grad, dwc=col.weight.grad, dwr=row.weight.grad).items()}
+
+
 def _fp8_training(rank, world, root, out):
     from torchao.float8.float8_ops import FLOAT8_OPS_TABLE
 
@@ -191,6 +224,7 @@ def _fp8_training(rank, world, root, out):
     inner, calls = FLOAT8_OPS_TABLE[op], []
     FLOAT8_OPS_TABLE[op] = lambda *a, **k: calls.append(1) or inner(*a, **k)
     w, res, runs = World(root), {}, {}
+    res["mlp"] = {sp: _tp2_mlp(sp) for sp in (False, True)}
     for name, (tp, sp, precisions) in RUNS.items():
         for pr in precisions:
             calls.clear()
@@ -218,6 +252,33 @@ def trained(tmp_path_factory):
     world = make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
     out = str(tmp_path_factory.mktemp("fp8_runs"))
     return world, run_distributed(_fp8_training, 2, world.root, out, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
+def test_tp2_float8_linears_keep_megatrons_communication(trained, sp):
+    """Built by hand from both ranks' shards, float64: the column layer's input gradient is
+    the SUM over ranks of its float8 partial products (the all-reduce, or with SP the
+    reduce-scatter after the all-gathered input), the row layer's output the sum of its
+    partial products (megatron's all-reduce / reduce-scatter around the float8 matmul)."""
+    _, results = trained
+    r0, r1 = (r["mlp"][sp] for r in results)
+    x, dy = r0["x_full"].reshape(-1, 64), r0["dy_full"].reshape(-1, 64)
+    h = [r["h"].reshape(-1, 48) for r in (r0, r1)]      # column output shards (full sequence)
+    dh = [r["dh"].reshape(-1, 48) for r in (r0, r1)]
+    y = _quantised(h[0], E4M3) @ _quantised(r0["wr"], E4M3).t() + \
+        _quantised(h[1], E4M3) @ _quantised(r1["wr"], E4M3).t()
+    dx = _quantised(dh[0], E5M2) @ _quantised(r0["wc"], E4M3) + \
+        _quantised(dh[1], E5M2) @ _quantised(r1["wc"], E4M3)
+    got_y = torch.cat([r0["y"], r1["y"]]) if sp else r0["y"]
+    got_dx = torch.cat([r0["dx"], r1["dx"]]) if sp else r0["dx"]
+    assert _rel(got_y.reshape(-1, 64), y) < 0.01
+    assert _rel(got_dx.reshape(-1, 64), dx) < 0.01
+    for i, r in enumerate((r0, r1)):
+        assert _rel(r["h"].reshape(-1, 48), _quantised(x, E4M3) @ _quantised(r["wc"], E4M3).t()) < 0.01
+        assert _rel(r["dwc"], _quantised(dh[i], E5M2).t() @ _quantised(x, E4M3)) < 0.01
+        assert _rel(r["dh"].reshape(-1, 48), _quantised(dy, E5M2) @ _quantised(r["wr"], E4M3)) < 0.01
+        assert _rel(r["dwr"], _quantised(dy, E5M2).t() @ _quantised(h[i], E4M3)) < 0.01
 
 
 @pytest.mark.slow
