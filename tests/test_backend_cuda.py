@@ -1,5 +1,8 @@
 """The cuda backend's training configuration, checked on a CPU: for a Llama-3-8B-shaped model,
-with and without Transformer Engine / apex importable (imports mocked, CUDA never touched),
+with and without Transformer Engine / apex importable (CUDA never touched). apex is mocked at
+its import (a ``fused_weight_gradient_mlp_cuda`` module); TE through the backend's probe
+``te_available`` plus what importing TE gives megatron-core (its fused rope kernel), since
+megatron's TE extension cannot import without the real package. Checked:
 no fused kernel is requested whose package is missing, SDPA core attention is chosen
 without TE, and PR=fp8 picks TE, else torchao on an fp8-capable GPU, else one clear error.
 
