@@ -12,8 +12,9 @@ its own process, and prints one JSON summary (also written to OUT/gpu_check.json
   parity        logits and every layer's output of that checkpoint, loaded by the trainer's
                 loader into the cuda backend's model, vs transformers (SDPA), both bf16
   train_bf16    the REAL 25-argument launcher (examples/llama3/run_mcore_llama3.sh, MP_NPROC=1):
-                bf16, SEQ_LEN 4096, FL=true, MBS 1, GBS 8, 10 iterations; tokens/s, TFLOP/s
-                and MFU from its iteration lines (median after 3 warm-up iterations)
+                bf16, SEQ_LEN 4096, FL=true, MBS 1, GBS 8, 10 iterations; tokens/s from its
+                iteration lines (median after 3 warm-up iterations), TFLOP/s from it with the
+                trainer's FLOP formula (training/train_log.py), MFU against the peak
   hf_sdpa       the same model and batch in transformers + SDPA, the way HF's Trainer runs
                 bf16 (fp32 weights, torch.autocast bf16, fused AdamW): the baseline
   train_fp8     the launcher with PR=fp8 when Transformer Engine or torchao can run here
@@ -36,6 +37,9 @@ megatron-core, torchao, Transformer Engine, flash-attn or apex):
          --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
      python3 tests/gpu/gpu_check.py --out $OUT
    OUT receives gpu_check.json, steps.log (every step's output) and the launcher logs.
+   Scratch space: ~40 GB (the launcher's final checkpoint of the 1.9 B model with its Adam
+   state is ~27 GB, deleted after each run); by default /dev/shm when it has room, else the
+   temporary directory (--work DIR chooses).
 
 ``--cpu-rehearsal`` runs the same steps on the CPU with a tiny model (what
 tests/test_gpu_check.py does), so the script itself is exercised without a GPU.
@@ -509,12 +513,25 @@ class Check:
         return s
 
 
+def _default_work(rehearsal: bool) -> str:
+    """A scratch directory with room for the run: /dev/shm (memory, fast checkpoint writes)
+    when it has ~40 GB free, else the temporary directory with the most room."""
+    if rehearsal:
+        return tempfile.mkdtemp(prefix="gpu_check_")
+    need = 40 * 2**30
+    places = [p for p in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(p)]
+    free = {p: shutil.disk_usage(p).free for p in places}
+    roomy = [p for p in places if free[p] >= need]
+    base = roomy[0] if roomy else max(places, key=free.get)
+    return tempfile.mkdtemp(prefix="gpu_check_", dir=base)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="where gpu_check.json and the logs go "
                     "(default: the work directory)")
-    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, "
-                    "removed at the end; needs ~40 GB on a GPU)")
+    ap.add_argument("--work", default=None, help="scratch directory (default: a new one in "
+                    "/dev/shm or the temporary directory, removed at the end; ~40 GB on a GPU)")
     ap.add_argument("--cpu-rehearsal", action="store_true",
                     help="run every step on the CPU with a tiny model (tests the script)")
     ap.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
@@ -536,7 +553,7 @@ def main(argv=None) -> int:
         print(f"gpu_check: skipped: no CUDA device ({why})")
         return 0
 
-    work = ns.work or tempfile.mkdtemp(prefix="gpu_check_")
+    work = ns.work or _default_work(ns.cpu_rehearsal)
     os.makedirs(work, exist_ok=True)
     out = ns.out or work
     os.makedirs(out, exist_ok=True)
