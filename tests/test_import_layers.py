@@ -36,7 +36,7 @@ LIGHT = ["megatron_patch.evaluation.preflight", "megatron_patch.evaluation.task_
          "megatron_patch.models.llama.presets", "megatron_patch.models.llama.resolve",
          "megatron_patch.models.llama.parallel_layout", "megatron_patch.training.config",
          "megatron_patch.training.arguments", "megatron_patch.training.launch_plan"]
-HEAVY = ("torch", "numpy", "megatron", "transformers", "safetensors")
+HEAVY = ("torch", "numpy", "megatron", "transformers", "safetensors", "torchao")
 
 
 def layer_of(module: str):

@@ -60,7 +60,6 @@ BAD = [
     ("SEQ_LEN", "1.5", ["SEQ_LEN", "integer"]),
     ("PAD_LEN", "x", ["PAD_LEN", "integer"]),
     ("PR", "fp9", ["PR", "fp16|bf16|fp8|fp32"]),
-    ("PR", "fp8", ["PR", "fp8", "not supported on this backend yet", "Transformer Engine"]),
     ("TP", "0", ["TP", "integer"]),
     ("TP", "4", ["TP", "2 key/value heads"]),
     ("TP", "2", ["TP=2", "does not divide", "processes"]),

@@ -42,15 +42,22 @@ class Backend:
         return local_block_spec(config, vp_stage)
 
     def training_overrides(self, flash_attn: bool, precision: str) -> dict:
-        """TransformerConfig fields this backend sets for a training run: kernel choices
-        (FL) and the fp8 recipe (PR=fp8). fp8 needs Transformer Engine: without it
-        megatron-core's fp8 context is a silent no-op, so refuse rather than run in bf16."""
-        if precision != "fp8":
-            return {}
-        from megatron_patch.backends.cuda import te_available
-        if not te_available():
-            raise ValueError("PR='fp8' needs Transformer Engine on CUDA (not importable here); "
-                             "use bf16")
-        # Pai's settings: hybrid format (E4M3 forward, E5M2 backward), delayed scaling
-        return dict(fp8="hybrid", fp8_margin=0, fp8_amax_history_len=1024,
-                    fp8_amax_compute_algo="max")
+        """TransformerConfig fields this backend sets for a training run: its kernel choices
+        (``kernel_overrides``) and, for PR=fp8, those of its fp8 path (``fp8_path``)."""
+        overrides = self.kernel_overrides(flash_attn)
+        if precision == "fp8":
+            overrides.update(self.fp8_path().config_overrides())
+        return overrides
+
+    def kernel_overrides(self, flash_attn: bool) -> dict:
+        """Kernel and device choices (fused kernels, attention, where weights are
+        initialised): none beyond models/llama/config.py's defaults (every fused kernel off)
+        unless the backend knows the package providing a kernel is there."""
+        return {}
+
+    def fp8_path(self):
+        """How PR=fp8 runs on this backend (megatron_patch.transformer.fp8); raises
+        Fp8Unavailable (one line) when it cannot, never falls back to bf16 silently.
+        Default (cpu): torchao with emulated float8 matmuls -- fp8 numerics, for testing."""
+        from megatron_patch.transformer import fp8
+        return fp8.torchao_path(emulate=True)

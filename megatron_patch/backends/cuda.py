@@ -1,10 +1,29 @@
 """cuda backend: NCCL process groups; Transformer Engine layer spec when TE imports, else
-megatron-core's local spec with SDPA core attention (flash/cuDNN kernels, no apex)."""
+megatron-core's local spec with SDPA core attention (flash/cuDNN kernels, no apex).
+
+Kernel choices (``kernel_overrides``) ask for a fused kernel only when the package that
+provides it is importable; models/llama/config.py turns every fused kernel off by default:
+
+| TransformerConfig field        | needs                                  | on cuda                |
+|--------------------------------|----------------------------------------|------------------------|
+| attention_backend flash/fused  | Transformer Engine (TE spec)           | with TE (FL picks)     |
+| apply_rope_fusion              | Transformer Engine's fused rope        | with TE                |
+| gradient_accumulation_fusion   | apex's fused_weight_gradient_mlp_cuda  | with apex (not torchao fp8) |
+| masked_softmax_fusion          | apex's scaled_masked_softmax_cuda      | off: SDPA / TE attention instead |
+| persist_layer_norm             | apex's fast layer norm                 | off: our RMSNorm / TE's |
+| bias_*_fusion                  | (torch jit; Llama has no biases)       | off                    |
+| cross_entropy_loss_fusion      | (torch jit / TE)                       | off                    |
+"""
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 from .base import Backend
+
+# the first GPUs with float8 tensor cores (torch._scaled_mm): Ada (8.9), Hopper (9.0), later
+FP8_MIN_CAPABILITY = (8, 9)
 
 
 def te_available() -> bool:
@@ -14,6 +33,19 @@ def te_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def module_importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def apex_grad_accum_available() -> bool:
+    """apex's fused wgrad-accumulation kernel, which megatron-core's parallel linears call
+    with gradient_accumulation_fusion=True (and refuse to build without)."""
+    return module_importable("fused_weight_gradient_mlp_cuda")
 
 
 class CudaBackend(Backend):
@@ -41,12 +73,33 @@ class CudaBackend(Backend):
             return layer_specs.te_block_spec(config, vp_stage)
         return layer_specs.local_block_spec(config, vp_stage)
 
-    def training_overrides(self, flash_attn: bool, precision: str) -> dict:
-        overrides = super().training_overrides(flash_attn, precision)
+    def kernel_overrides(self, flash_attn: bool) -> dict:
+        # initialise weights on the GPU (megatron's default): CPU initialisation of an
+        # 8B-class model takes minutes and is thrown away when a checkpoint is loaded
+        overrides = {"use_cpu_initialization": False}
         if te_available():
             # FL: Transformer Engine's flash attention (true) or its cuDNN fused attention
             # (false), like Pai's NVTE_FLASH_ATTN/NVTE_FUSED_ATTN switch. Without TE the SDPA
             # core attention is used (flash kernels on CUDA when available).
             from megatron.core.transformer.enums import AttnBackend
             overrides["attention_backend"] = AttnBackend.flash if flash_attn else AttnBackend.fused
+            overrides["apply_rope_fusion"] = True
+        if apex_grad_accum_available():
+            overrides["gradient_accumulation_fusion"] = True
         return overrides
+
+    def fp8_path(self):
+        from megatron_patch.transformer import fp8
+        if te_available():
+            return fp8.TransformerEngineFp8()
+        cap = tuple(torch.cuda.get_device_capability())
+        if cap < FP8_MIN_CAPABILITY:
+            raise fp8.Fp8Unavailable(
+                f"PR='fp8' needs a GPU with float8 tensor cores (compute capability >= "
+                f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: Ada, Hopper or later); "
+                f"{torch.cuda.get_device_name()} is {cap[0]}.{cap[1]}; use bf16")
+        why = fp8.torchao_missing()
+        if why is not None:
+            raise fp8.Fp8Unavailable(f"PR='fp8' needs Transformer Engine or torchao: Transformer "
+                                     f"Engine does not import and {why}; use bf16")
+        return fp8.TorchaoFp8(emulate=False)

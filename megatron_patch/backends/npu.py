@@ -101,3 +101,8 @@ class NpuBackend(Backend):
         from megatron_patch.transformer.npu_ops import NpuFusedAttention
         _enable_fused_swiglu(config)
         return local_block_spec(config, vp_stage, attention_cls=NpuFusedAttention)
+
+    def fp8_path(self):
+        from megatron_patch.transformer.fp8 import Fp8Unavailable
+        raise Fp8Unavailable("PR='fp8' is not supported on the npu backend (no float8 matmul "
+                             "path for Ascend here); use bf16")

@@ -225,9 +225,10 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     kill_save = env_int(env, "MP_TEST_KILL_IN_SAVE", None)
 
     # features that are refused rather than ignored
-    if pr == "fp8" and not _te_importable():
-        raise ConfigError("PR='fp8' is not supported on this backend yet: fp8 needs "
-                          "Transformer Engine on CUDA (not installed here); use bf16")
+    if pr == "fp8" and not (_importable("transformer_engine") or _importable("torchao")):
+        # the trainer's backend checks the rest (GPU generation; TE vs torchao; never bf16)
+        raise ConfigError("PR='fp8' needs Transformer Engine or torchao and neither is "
+                          "installed (pip install 'torchao==0.18.*'); use bf16")
     if cp > 1:
         raise ConfigError(f"CP={cp} is not supported on this backend yet: context parallelism "
                           "needs Transformer Engine attention; use CP=1")
@@ -346,10 +347,10 @@ def run_name(cfg: TrainConfig, a: dict) -> str:
             f"-ti-{cfg.optim.train_iters}-wi-{cfg.optim.warmup_iters}")
 
 
-def _te_importable() -> bool:
+def _importable(module: str) -> bool:
     import importlib.util
     try:
-        return importlib.util.find_spec("transformer_engine") is not None
+        return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
 

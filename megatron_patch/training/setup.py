@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from megatron_patch.training.arguments import check_model_shape, model_arch
-from megatron_patch.training.config import TrainConfig
+from megatron_patch.training.config import ConfigError, TrainConfig
 from megatron_patch.training.launch_plan import check_batches
 
 
@@ -45,6 +45,24 @@ def _optimizer_config_kwargs(cfg: TrainConfig) -> dict:
                 initial_loss_scale=cfg.precision.initial_loss_scale)
 
 
+def _fp8_path(backend):
+    """The backend's fp8 implementation; 'cannot run fp8 here' is a one-line ConfigError."""
+    from megatron_patch.transformer.fp8 import Fp8Unavailable
+    try:
+        return backend.fp8_path()
+    except Fp8Unavailable as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _prepare_fp8(fp8, chunks, log) -> None:
+    from megatron_patch.transformer.fp8 import Fp8Unavailable
+    try:
+        routed = sum(len(fp8.prepare_model(c.module)) for c in chunks)
+    except Fp8Unavailable as exc:
+        raise ConfigError(str(exc)) from None
+    log(f"> {fp8.describe()}" + (f" ({routed} linear layers on this rank)" if routed else ""))
+
+
 def setup(cfg: TrainConfig, log=print) -> tuple:
     """Model chunks, optimizer, scheduler; weights from this run's latest checkpoint (with
     optimizer, scheduler, RNG and counters) or from PRETRAIN_CHECKPOINT_PATH. Returns a Run."""
@@ -71,8 +89,10 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
                                      cfg.data.micro_batch_size, dp, False)
 
     precision = cfg.precision.dtype
+    backend = active_backend()
+    fp8 = _fp8_path(backend) if precision == "fp8" else None
     overrides = {"init_method_std": cfg.model.init_method_std}
-    overrides.update(active_backend().training_overrides(cfg.model.flash_attn, precision))
+    overrides.update(backend.training_overrides(cfg.model.flash_attn, precision))
     if precision == "fp8":  # the backend set the fp8 recipe; parameters are bf16
         precision = "bf16"
     tconfig = transformer_config(
@@ -83,6 +103,8 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
         recompute_num_layers=cfg.memory.recompute_num_layers, **overrides)
     chunks = build_model_chunks(arch, tconfig,
                                 use_distributed_optimizer=cfg.optim.distributed_optimizer)
+    if fp8 is not None:
+        _prepare_fp8(fp8, chunks, log)
 
     # weights: resume from this run's own latest checkpoint, else the pretrained one
     found = checkpointing.find_resume(cfg.checkpoint_dir, warn=log)
