@@ -212,6 +212,7 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
         raise _err("MP_DATA_SPLIT", split, "train,valid,test weights such as 99,1,0")
     tokenizer = env.get("MP_TOKENIZER") or None
     kill_save = env_int(env, "MP_TEST_KILL_IN_SAVE", None)
+    resume_from = env.get("MP_RESUME_FROM") or None
 
     # features that are refused rather than ignored
     if pr == "fp8" and not _te_importable():
@@ -286,6 +287,9 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     if check_paths and ckpt is not None and not looks_like_checkpoint(ckpt):
         raise _err("PRETRAIN_CHECKPOINT_PATH", ckpt, "must be none or a Megatron checkpoint "
                    "directory (latest_checkpointed_iteration.txt with release/ or iter_N/)")
+    if check_paths and resume_from is not None and not looks_like_checkpoint(resume_from):
+        raise _err("MP_RESUME_FROM", resume_from, "must be a training checkpoint directory "
+                   "(latest_checkpointed_iteration.txt with iter_N/, or an iter_N/ directory)")
     if size == "auto" and ckpt is None:
         raise _err("MODEL_SIZE", "auto", "auto reads config.json next to "
                    "PRETRAIN_CHECKPOINT_PATH, which is none; give a size ("
@@ -307,7 +311,7 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
                         dataset_type=dataset_type, sft_packing=packing, tokenizer=tokenizer,
                         split=split, train_tokens=train_tokens),
         checkpoint=CheckpointConfig(load=ckpt, save_interval=save_interval, output_base=out,
-                                    kill_in_save_iter=kill_save),
+                                    kill_in_save_iter=kill_save, resume_from=resume_from),
         seed=seed, eval_interval=eval_interval, eval_iters=eval_iters, notes=notes,
         timestamp=timestamp or time.strftime("%Y.%m.%d-%H.%M.%S"),
     )

@@ -84,8 +84,9 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     chunks = build_model_chunks(arch, tconfig,
                                 use_distributed_optimizer=cfg.optim.distributed_optimizer)
 
-    # weights: resume from this run's own latest checkpoint, else the pretrained one
-    found = checkpointing.find_resume(cfg.checkpoint_dir)
+    # weights: resume from this run's own latest checkpoint (else MP_RESUME_FROM's), else
+    # the pretrained one
+    found = checkpointing.find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume_from)
     resume = None
     if found is not None:
         resume = checkpointing.load_resume_state(
