@@ -35,7 +35,8 @@ LIGHT = ["megatron_patch.evaluation.preflight", "megatron_patch.evaluation.task_
          "megatron_patch.cli_args", "megatron_patch.fsutil", "megatron_patch.models.llama.arch",
          "megatron_patch.models.llama.presets", "megatron_patch.models.llama.resolve",
          "megatron_patch.models.llama.parallel_layout", "megatron_patch.training.config",
-         "megatron_patch.training.arguments", "megatron_patch.training.launch_plan"]
+         "megatron_patch.training.arguments", "megatron_patch.training.launch_plan",
+         "megatron_patch.training.lifetime"]
 HEAVY = ("torch", "numpy", "megatron", "transformers", "safetensors", "torchao")
 
 

@@ -14,13 +14,18 @@
 #
 # ENV  dsw: this machine, one process per local device (GPUs/NPUs; on CPU MP_NPROC, default
 #      1). dlc: PAI-DLC multi-node (MASTER_ADDR, MASTER_PORT, WORLD_SIZE = nodes, RANK = node
-#      rank), one torchrun per node.
+#      rank), one torchrun per node, processes per node from MP_NPROC, else
+#      KUBERNETES_CONTAINER_RESOURCE_GPU, else the visible devices; a node waits up to
+#      MP_RDZV_TIMEOUT seconds (600) for the others, then stops with one line.
 # Env knobs: MP_DATASET_TYPE=idxmap|raw (SFT data), MP_AC_LAYERS (AC=full layers, default 1),
 #      MP_VP (virtual pipeline stages), MP_PP0_LAYERS (layers on the first pipeline stage),
 #      MP_SFT_PACKING=true|false, MP_TOKENIZER (HF tokenizer dir for SFT when none sits next
 #      to the checkpoint), MP_EVAL_INTERVAL (10000), MP_EVAL_ITERS (10), MP_DATA_SPLIT
 #      (99,1,0), MP_SEED (1234), MP_NPROC, MP_MASTER_PORT (dsw; default a free port),
-#      MP_PYTHON (interpreter; default the repository's .venv/bin/python, else python3).
+#      MP_PYTHON (interpreter; default the repository's .venv/bin/python, else python3),
+#      MP_RESUME_FROM (continue another run's checkpoint directory in this run's layout:
+#      weights and optimizer state are re-sharded), MP_RDZV_TIMEOUT.
+# Killing this script (or its process group) kills every worker it started.
 # Output: OUTPUT_BASEPATH/checkpoint/<run name> (resumed automatically when it holds a
 #      complete checkpoint), OUTPUT_BASEPATH/tensorboard/<run name>_<time>,
 #      OUTPUT_BASEPATH/log/<run name>_<time>.log (everything printed, all ranks).
@@ -62,7 +67,10 @@ fi
 PYTHONUNBUFFERED=1
 CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 MP_LOG_TEED=1
-export PYTHONUNBUFFERED CUDA_DEVICE_MAX_CONNECTIONS MP_LOG_TEED
+# the workers watch this shell and die with it (torchrun puts them in sessions of their
+# own, out of reach of a signal to this process group): megatron_patch/training/lifetime.py
+MP_LAUNCHER_PID=$$
+export PYTHONUNBUFFERED CUDA_DEVICE_MAX_CONNECTIONS MP_LOG_TEED MP_LAUNCHER_PID
 
 echo "$MP_LAUNCHER_NAME: $MP_PLAN_NNODES node(s) x $MP_PLAN_NPROC process(es), run $MP_PLAN_RUN_NAME" >&2
 echo "$MP_LAUNCHER_NAME: log $LOG" >&2
@@ -78,6 +86,7 @@ RCFILE=$(mktemp "${TMPDIR:-/tmp}/mp_rc.XXXXXX") || exit 1
         "$PY" -m torch.distributed.run --nproc_per_node "$MP_PLAN_NPROC" \
             --nnodes "$MP_PLAN_NNODES" --node_rank "$MP_PLAN_NODE_RANK" \
             --master_addr "$MP_PLAN_MASTER_ADDR" --master_port "$MP_PLAN_MASTER_PORT" \
+            --rdzv_conf "timeout=$MP_PLAN_RDZV_TIMEOUT" \
             -m megatron_patch.training.pretrain --generation "$MP_GENERATION" --timestamp "$MP_PLAN_TIMESTAMP" -- "$@" 2>&1
     fi
     echo $? > "$RCFILE"

@@ -24,8 +24,10 @@ class Backend:
         """Register this backend's patches on self.registry (applied by activate())."""
 
     def activate(self) -> None:
-        # megatron-core patches land when megatron.core is imported (at once if it already is)
-        self.registry.apply(defer_until_imported=("megatron.core",))
+        # megatron-core patches land when megatron.core is imported (at once if it already
+        # is); megatron.core.jit's as soon as it is, which is in the middle of megatron.core's
+        # import, before the modules that decorate functions with its jit_fuser
+        self.registry.apply(defer_until_imported=("megatron.core.jit", "megatron.core"))
 
     def deactivate(self) -> None:
         self.registry.remove()

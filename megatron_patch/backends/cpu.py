@@ -49,6 +49,11 @@ _CUDA_LITERAL_FUNCTIONS = [
 ]
 
 
+def _no_jit_fuser(func):
+    """megatron.core.jit.jit_fuser on CPU: leave the function as it is."""
+    return func
+
+
 def _current_device():
     return _CPU
 
@@ -133,6 +138,12 @@ class CpuBackend(Backend):
                    _tagged_batched_p2p, reason="gloo matches untagged p2p by order: tag directions")
         r.register("megatron.core.pipeline_parallel.p2p_communication._p2p_ops", _tagged_p2p,
                    reason="gloo matches untagged p2p by order: tag directions")
+        # megatron-core decorates its fused kernels (bias+GeLU/SwiGLU, bias-dropout-add,
+        # ...) with jit_fuser = torch.compile at import, which imports torch._dynamo and
+        # torch._inductor: 1.3-1.5 s CPU of every process's start-up, for kernels the Llama
+        # config never calls (every *_fusion flag is off). Eager functions compute the same.
+        r.register("megatron.core.jit.jit_fuser", _no_jit_fuser,
+                   reason="torch.compile decorators cost start-up and are unused on CPU")
         for target in _CUDA_LITERAL_FUNCTIONS:
             r.register(target, wrapper=on_cpu,
                        reason="allocates with device='cuda' or checks CUDA type names")

@@ -91,42 +91,48 @@ class PatchRegistry:
     def apply(self, defer_until_imported: tuple = ()) -> None:
         """Apply every registered patch not yet applied (idempotent).
 
-        Patches whose target lies in one of ``defer_until_imported`` (package names, e.g.
-        "megatron.core") are applied the moment that package finishes importing, if it has
-        not been imported yet: tools that never touch megatron-core (the converter without
-        CHECK, data preprocessing) don't pay its multi-second import.
+        Patches whose target lies in one of ``defer_until_imported`` (package or module
+        names, e.g. "megatron.core"; the first that matches a target counts) are applied
+        the moment that module finishes importing, if it has not been imported yet: tools
+        that never touch megatron-core (the converter without CHECK, data preprocessing)
+        don't pay its multi-second import. A module imported in the middle of its package's
+        import (``megatron.core.jit``) gets its patches then, and only those.
         """
-        pending = []
+        pending = {}
         for patch in self._patches.values():
             if patch.applied:
                 continue
             root = next((pkg for pkg in defer_until_imported
                          if patch.target == pkg or patch.target.startswith(pkg + ".")), None)
             if root is not None and root not in sys.modules:
-                pending.append(root)
+                pending.setdefault(root, []).append(patch)
                 continue
-            try:
-                owner, attr, current = resolve(patch.target)
-            except PatchTargetError:
-                if not patch.create:
-                    raise
-                parent, attr = patch.target.rsplit(".", 1)
-                owner, pattr, pval = resolve(parent)
-                owner, current = pval, _MISSING
-            # On classes keep the raw attribute (staticmethod/classmethod) for restoring.
-            raw = owner.__dict__.get(attr, current) if isinstance(owner, type) else current
-            if patch.wrapper is None:
-                new = patch.replacement
-            elif isinstance(raw, (classmethod, staticmethod)):
-                new = type(raw)(patch.wrapper(raw.__func__))  # keep the decorator
-            else:
-                new = patch.wrapper(current)
-            if isinstance(owner, type) and attr not in owner.__dict__:
-                raw = _MISSING  # inherited: removing our override restores it
-            setattr(owner, attr, new)
-            patch._owner, patch._original = owner, raw
-        for root in dict.fromkeys(pending):
-            when_imported(root, lambda: self.apply())
+            self._apply_one(patch)
+        for root, patches in pending.items():
+            when_imported(root, lambda patches=patches: [self._apply_one(p) for p in patches
+                                                          if not p.applied])
+
+    def _apply_one(self, patch: "Patch") -> None:
+        try:
+            owner, attr, current = resolve(patch.target)
+        except PatchTargetError:
+            if not patch.create:
+                raise
+            parent, attr = patch.target.rsplit(".", 1)
+            owner, pattr, pval = resolve(parent)
+            owner, current = pval, _MISSING
+        # On classes keep the raw attribute (staticmethod/classmethod) for restoring.
+        raw = owner.__dict__.get(attr, current) if isinstance(owner, type) else current
+        if patch.wrapper is None:
+            new = patch.replacement
+        elif isinstance(raw, (classmethod, staticmethod)):
+            new = type(raw)(patch.wrapper(raw.__func__))  # keep the decorator
+        else:
+            new = patch.wrapper(current)
+        if isinstance(owner, type) and attr not in owner.__dict__:
+            raw = _MISSING  # inherited: removing our override restores it
+        setattr(owner, attr, new)
+        patch._owner, patch._original = owner, raw
 
     def remove(self) -> None:
         """Restore every original, last applied first."""

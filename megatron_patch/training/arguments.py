@@ -138,11 +138,10 @@ def _check_data(name: str, parts: List[str], kind: str) -> None:
             _check_prefix(name, p)
 
 
-def check_checkpoint(name: str, path: str) -> None:
+def check_checkpoint(name: str, path: str, what: str) -> None:
     """A Megatron checkpoint directory with a complete, readable checkpoint in it."""
     if not os.path.isdir(path):
-        raise _err(name, path, "must be none or a Megatron checkpoint directory "
-                   "(latest_checkpointed_iteration.txt with release/ or iter_N/)")
+        raise _err(name, path, what)
     try:
         find_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -223,6 +222,7 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
         raise _err("MP_DATA_SPLIT", split, "train,valid,test weights such as 99,1,0")
     tokenizer = env.get("MP_TOKENIZER") or None
     kill_save = env_int(env, "MP_TEST_KILL_IN_SAVE", None)
+    resume_from = env.get("MP_RESUME_FROM") or None
 
     # features that are refused rather than ignored
     if pr == "fp8" and not (_importable("transformer_engine") or _importable("torchao")):
@@ -296,7 +296,13 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     ckpt = a["PRETRAIN_CHECKPOINT_PATH"]
     ckpt = None if ckpt.strip().lower() in ("none", "") else ckpt
     if check_paths and ckpt is not None:
-        check_checkpoint("PRETRAIN_CHECKPOINT_PATH", ckpt)
+        check_checkpoint("PRETRAIN_CHECKPOINT_PATH", ckpt, "must be none or a Megatron "
+                         "checkpoint directory (latest_checkpointed_iteration.txt with "
+                         "release/ or iter_N/)")
+    if check_paths and resume_from is not None:
+        check_checkpoint("MP_RESUME_FROM", resume_from, "must be a training checkpoint "
+                         "directory (latest_checkpointed_iteration.txt with iter_N/, or an "
+                         "iter_N/ directory)")
     if size == "auto" and ckpt is None:
         raise _err("MODEL_SIZE", "auto", "auto reads config.json next to "
                    "PRETRAIN_CHECKPOINT_PATH, which is none; give a size ("
@@ -318,7 +324,7 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
                         dataset_type=dataset_type, sft_packing=packing, tokenizer=tokenizer,
                         split=split, train_tokens=train_tokens),
         checkpoint=CheckpointConfig(load=ckpt, save_interval=save_interval, output_base=out,
-                                    kill_in_save_iter=kill_save),
+                                    kill_in_save_iter=kill_save, resume_from=resume_from),
         seed=seed, eval_interval=eval_interval, eval_iters=eval_iters, notes=notes,
         max_nan_iters=max_nan, nan_window=nan_window,
         timestamp=timestamp or time.strftime("%Y.%m.%d-%H.%M.%S"),

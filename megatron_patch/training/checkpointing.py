@@ -21,6 +21,11 @@ parameter-state load copies every key of the live state (``step`` included) from
 that holds only param/exp_avg/exp_avg_sq. We save the step explicitly, keep ``step`` aside
 during the parameter-state load, and give each parameter its own step tensor afterwards
 (tests/test_train_parallel.py and test_train_resume.py check resumes bit for bit).
+
+A checkpoint of another layout (TP/PP/VP/first-stage split, DO on/off; MP_RESUME_FROM)
+resumes too: weights through the checkpoint reader, Adam's state through
+optimizer_reshard.py; the RNG state then stays this run's (its model-parallel streams belong
+to ranks that no longer exist -- Megatron-LM drops it after a TP/PP change as well).
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from megatron_patch import checkpoint as ckpt_lib
 from megatron_patch.fsutil import atomic_write_json, sync_copy
 from megatron_patch.training.config import TrainingStopped
 from megatron_patch.models.llama import mapping
+from megatron_patch.training import optimizer_reshard
+from megatron_patch.training.config import ConfigError
 
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
 
@@ -245,7 +252,9 @@ def save_checkpoint(run, iteration: int) -> str:
             _model_states(run.chunks), iteration, args,
             optimizer=opt_state, opt_param_scheduler=run.scheduler.state_dict(),
             rng_state=rngs, num_floating_point_operations_so_far=counters["flops"],
-            megatron_patch={**counters, "config": cfg.to_dict()})
+            megatron_patch={**counters, "config": cfg.to_dict(),
+                            "optimizer_index": optimizer_reshard.optimizer_index(
+                                run.chunks, run.optimizer)})
         ckpt_lib.save_rank_file(rank_file, state)
     if cfg.checkpoint.kill_in_save_iter == iteration:  # test hook: a crash mid-save
         os.kill(os.getpid(), signal.SIGKILL)
@@ -282,48 +291,108 @@ def write_companions(run) -> None:
 
 
 # ---- load -----------------------------------------------------------------------------------
-def find_resume(root: str, warn=print):
-    """The latest complete, readable checkpoint under the run's checkpoint dir, or None.
-    Newer ones that are cut or incomplete (a crash, a full disk, a bad tracker file) are
-    passed over with one warning line each."""
-    if not os.path.isdir(root):
+def find_resume(root: str, resume_from: Optional[str] = None, warn=print):
+    """The latest complete, readable checkpoint under the run's checkpoint dir; when there
+    is none, the one ``resume_from`` (MP_RESUME_FROM) names; else None. Newer checkpoints
+    that are cut or incomplete (a crash, a full disk, a bad tracker file) are passed over
+    with one warning line each."""
+    if os.path.isdir(root):
+        try:
+            found = ckpt_lib.find_checkpoint(root)
+        except FileNotFoundError as e:
+            found = None
+            if ckpt_lib.list_iterations(root) or os.path.exists(
+                    os.path.join(root, ckpt_lib.TRACKER_FILENAME)):
+                warn(f"warning: no readable checkpoint to resume from: {e}")
+        if found is not None:
+            for it, why in found.skipped:
+                where = ckpt_lib.iteration_dirname(it) if it is not None else \
+                    ckpt_lib.TRACKER_FILENAME
+                warn(f"warning: skipping {os.path.join(root, where)}: {why}; resuming from "
+                     f"{found.path}")
+            if found.iteration != "release":
+                return found
+    if resume_from is None:
         return None
     try:
-        found = ckpt_lib.find_checkpoint(root)
+        found = ckpt_lib.find_checkpoint(resume_from)
     except FileNotFoundError as e:
-        if ckpt_lib.list_iterations(root) or os.path.exists(
-                os.path.join(root, ckpt_lib.TRACKER_FILENAME)):
-            warn(f"warning: no readable checkpoint to resume from: {e}")
-        return None
-    for it, why in found.skipped:
-        where = ckpt_lib.iteration_dirname(it) if it is not None else ckpt_lib.TRACKER_FILENAME
-        warn(f"warning: skipping {os.path.join(root, where)}: {why}; resuming from "
-             f"{found.path}")
-    return None if found.iteration == "release" else found
+        raise ConfigError(f"MP_RESUME_FROM={resume_from!r} is not valid: {e}") from None
+    if found.iteration == "release":
+        raise ConfigError(f"MP_RESUME_FROM={resume_from!r} is not valid: it holds a release "
+                          "checkpoint (weights only); give it as PRETRAIN_CHECKPOINT_PATH")
+    return found
 
 
-def load_resume_state(run, found) -> dict:
-    """Load model weights of ``found`` into run.chunks; return this rank's file state (the
-    optimizer is loaded by ``restore_training_state`` once it exists)."""
-    cfg = run.cfg
-    if (found.tp, found.pp) != (cfg.parallel.tp, cfg.parallel.pp):
-        raise ValueError(f"{found.path}: saved with TP={found.tp} PP={found.pp}; this run has "
-                         f"TP={cfg.parallel.tp} PP={cfg.parallel.pp}. Resume with the saved "
-                         f"layout (the optimizer "
-                         f"state is sharded by it), or start a new OUTPUT_BASEPATH.")
+def _saved_layout(found) -> tuple:
+    """(TP, PP, VP, MP_PP0_LAYERS, DO) a training checkpoint was saved with."""
+    state = ckpt_lib.load_rank_file(found.file(0, 0), mmap=True)
+    args = state.get("args")
+    vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    pp0 = getattr(args, "decoder_first_pipeline_num_layers", None) if found.pp > 1 else None
+    return (found.tp, found.pp, vp if vp and vp > 1 else None, pp0,
+            bool(getattr(args, "use_distributed_optimizer", False)))
+
+
+def _run_layout(cfg) -> tuple:
+    p = cfg.parallel
+    return (p.tp, p.pp, p.vp, p.pp0_layers if p.pp > 1 else None,
+            cfg.optim.distributed_optimizer)
+
+
+def load_resume_state(run, found) -> tuple:
+    """Load model weights of ``found`` into run.chunks (re-sharded when it was saved in
+    another layout); return (this rank's file state, where the optimizer state comes from):
+    the rank file's path for the saved layout, else ``found`` itself (the optimizer is loaded
+    by ``restore_training_state`` once it exists)."""
     ckpt_lib.load_model_shards(found.root, run.chunks, arch=run.arch,
                                iteration=found.iteration)
-    f = found.file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
-    return ckpt_lib.load_rank_file(f, mmap=False), f
+    if _saved_layout(found) == _run_layout(run.cfg):
+        f = found.file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+        return ckpt_lib.load_rank_file(f, mmap=False), f
+    # another layout: counters, scheduler and Adam's step are the same in every rank file
+    # (mmap: its tensors are read only if this rank needs them)
+    return ckpt_lib.load_rank_file(found.file(0, 0), mmap=True), found
 
 
-def restore_training_state(run, state: dict, rank_file: str) -> None:
-    subs = _subs(run.optimizer)
-    files = _distrib_files(rank_file, len(subs)) if any(_is_distributed(o) for o in subs) \
-        else None
-    load_optimizer_state(run.optimizer, state["optimizer"], files)
+def restore_training_state(run, state: dict, source) -> None:
+    """Optimizer, scheduler and RNG from a checkpoint; ``source`` as load_resume_state
+    returned it."""
+    if isinstance(source, str):
+        subs = _subs(run.optimizer)
+        files = _distrib_files(source, len(subs)) if any(_is_distributed(o) for o in subs) \
+            else None
+        load_optimizer_state(run.optimizer, state["optimizer"], files)
+    else:
+        _restore_resharded_optimizer(run, state, source)
     run.scheduler.load_state_dict(state["opt_param_scheduler"])
     rngs = state.get("rng_state") or []
+    saved_tp_pp = (source.tp, source.pp) if not isinstance(source, str) else None
+    if saved_tp_pp not in (None, (run.cfg.parallel.tp, run.cfg.parallel.pp)):
+        # the model-parallel RNG streams belong to TP/PP ranks that no longer exist: keep
+        # this run's seeding (Megatron-LM ignores the RNG state after a TP/PP change too)
+        return
     if rngs:
         dp_rank = ps.get_data_parallel_rank()
         set_rng_state(rngs[dp_rank] if dp_rank < len(rngs) else rngs[0])
+
+
+def _restore_resharded_optimizer(run, state: dict, found) -> None:
+    """Adam's state from a checkpoint of another layout, re-cut for this rank (the loss
+    scale too: it is the same on every rank)."""
+    scaler = optimizer_reshard.saved_grad_scaler(state)
+    for opt in _subs(run.optimizer):
+        if scaler and getattr(opt, "grad_scaler", None) is not None:
+            opt.grad_scaler.load_state_dict(scaler)
+    step = optimizer_reshard.saved_step(state)
+    if step is None:  # saved before the first successful step: Adam has no state yet
+        return
+    par = run.cfg.parallel
+    states = optimizer_reshard.read_model_space(
+        found, lambda rank_file, i: _distrib_files(rank_file, i + 1)[i], run.arch,
+        par.tp, par.pp, ps.get_tensor_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_rank(), par.vp, par.pp0_layers if par.pp > 1 else None)
+    optimizer_reshard.apply_model_space(run.optimizer, run.chunks, states,
+                                        _materialize_adam_state)
+    for opt in _subs(run.optimizer):
+        _resync_adam_step(opt, step)

@@ -98,6 +98,10 @@ class CheckpointConfig:
     load: Optional[str] = None        # PRETRAIN_CHECKPOINT_PATH (None: from scratch)
     save_interval: int = 1000         # SAVE_INTERVAL (iterations)
     output_base: str = "output"       # OUTPUT_BASEPATH
+    # MP_RESUME_FROM: a training checkpoint directory (root or iter_N) of another run to
+    # resume -- weights, optimizer, scheduler, data position -- whatever TP/PP/VP/DO it was
+    # saved with; used only while this run's own checkpoint directory holds none
+    resume_from: Optional[str] = None
     # test hook (MP_TEST_KILL_IN_SAVE): SIGKILL every rank in the middle of saving iteration
     # N, after the rank files are written and before the checkpoint is committed
     kill_in_save_iter: Optional[int] = None

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 from .arguments import _err, _int, build_config, check_model_shape
@@ -36,12 +37,20 @@ class LaunchPlan:
     LOG_FILE: str
     TRAIN_ITERS: int
     WARMUP_ITERS: int
+    RDZV_TIMEOUT: int   # seconds a node waits for the others (MP_RDZV_TIMEOUT)
 
 
-def local_device_count(env) -> int:
-    """Processes per node for ENV=dsw/dlc: MP_NPROC, else the visible GPUs/NPUs, else 1."""
+DEFAULT_RDZV_TIMEOUT = 600  # torchrun's own default for the static rendezvous
+
+
+def local_device_count(env, dlc: bool = False) -> int:
+    """Processes per node: MP_NPROC, else (ENV=dlc) the GPUs PAI-DLC gives the container
+    (KUBERNETES_CONTAINER_RESOURCE_GPU, what Pai's scripts read), else the visible GPUs/NPUs,
+    else 1."""
     if env.get("MP_NPROC"):
         return _int("MP_NPROC", env["MP_NPROC"])
+    if dlc and env.get("KUBERNETES_CONTAINER_RESOURCE_GPU"):
+        return _int("KUBERNETES_CONTAINER_RESOURCE_GPU", env["KUBERNETES_CONTAINER_RESOURCE_GPU"])
     if (env.get("MEGATRON_PATCH_BACKEND") or "auto").lower() == "cpu":
         return 1
     for var in ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES"):
@@ -82,7 +91,9 @@ def check_batches(cfg: TrainConfig, dp: int) -> int:
 
 
 def plan(cfg: TrainConfig, env) -> LaunchPlan:
-    nproc = local_device_count(env)
+    nproc = local_device_count(env, dlc=cfg.env == "dlc")
+    rdzv_timeout = _int("MP_RDZV_TIMEOUT", env["MP_RDZV_TIMEOUT"]) \
+        if env.get("MP_RDZV_TIMEOUT") else DEFAULT_RDZV_TIMEOUT
     if cfg.env == "dlc":
         missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
                    if not env.get(v)]
@@ -111,7 +122,27 @@ def plan(cfg: TrainConfig, env) -> LaunchPlan:
                       MASTER_PORT=master_port, DP=dp, RUN_NAME=cfg.run_name,
                       TIMESTAMP=cfg.timestamp, CHECKPOINT_DIR=cfg.checkpoint_dir,
                       TENSORBOARD_DIR=cfg.tensorboard_dir, LOG_FILE=cfg.log_file,
-                      TRAIN_ITERS=cfg.optim.train_iters, WARMUP_ITERS=cfg.optim.warmup_iters)
+                      TRAIN_ITERS=cfg.optim.train_iters, WARMUP_ITERS=cfg.optim.warmup_iters,
+                      RDZV_TIMEOUT=rdzv_timeout)
+
+
+def wait_for_master(addr: str, port: int, timeout: float, node_rank: int) -> None:
+    """ENV=dlc, node rank > 0: wait until the master's rendezvous port accepts connections
+    (node 0 may start later), else one clear error instead of torchrun's traceback."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(5.0, max(0.1, timeout))):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    why = last.strerror if isinstance(last, OSError) and last.strerror else str(last)
+    raise ConfigError(f"ENV=dlc node {node_rank}: the master MASTER_ADDR:MASTER_PORT = "
+                      f"{addr}:{port} is not reachable ({why}) after {timeout:g} s "
+                      f"(MP_RDZV_TIMEOUT); is node 0 of this job running?")
 
 
 def _shell_quote(v) -> str:
@@ -128,6 +159,8 @@ def main(argv=None) -> int:
     try:
         cfg = build_config(argv[1:], argv[0])
         p = plan(cfg, os.environ)
+        if p.NODE_RANK > 0:
+            wait_for_master(p.MASTER_ADDR, p.MASTER_PORT, p.RDZV_TIMEOUT, p.NODE_RANK)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

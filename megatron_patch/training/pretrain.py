@@ -25,6 +25,8 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_patch.training.lifetime import tie_to_launcher
+    tie_to_launcher()  # before anything slow: a worker must not outlive its launcher
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--generation", required=True)
     p.add_argument("--timestamp", default=None)

@@ -106,8 +106,9 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     if fp8 is not None:
         _prepare_fp8(fp8, chunks, log)
 
-    # weights: resume from this run's own latest checkpoint, else the pretrained one
-    found = checkpointing.find_resume(cfg.checkpoint_dir, warn=log)
+    # weights: resume from this run's own latest checkpoint (else MP_RESUME_FROM's), else
+    # the pretrained one
+    found = checkpointing.find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume_from, warn=log)
     resume = None
     if found is not None:
         resume = checkpointing.load_resume_state(
