@@ -257,3 +257,26 @@ def test_tp2_server_under_torchrun(tiny, ref, tmp_path):
         assert "megatron_patch" not in log.split("server stopped")[-1], log[-3000:]
     finally:
         _stop(proc)
+
+
+def test_bad_command_lines(tmp_path, capsys, monkeypatch):
+    """One line on stderr, exit 2, nothing started: a wrong checkpoint, a taken port; and
+    without the serve extra, a message saying how to install it."""
+    import socket
+
+    from megatron_patch.inference import server
+    from megatron_patch.parallel import free_port
+
+    assert server.main(["--load", str(tmp_path / "nope"), "--port", str(free_port())]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert server.main(["--load", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: checkpoint directory not found: {tmp_path / 'nope'}",
+                   f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address "
+                   "already in use)"], err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"pip install -e \.\[serve\]"):
+        server.main(["--load", str(tmp_path)])

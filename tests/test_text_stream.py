@@ -36,8 +36,9 @@ def test_deltas_join_to_the_plain_decode(tok):
 
 def test_stop_strings(tok):
     ids = tok.encode(TEXT, add_special_tokens=False)
-    for stop, want in ((["are you"], "Hello! How "), (["xyz", "本語"], "Hello! How are you "
-                                                      "today? Ünïcödé 日"), (["?"], "Hello! How are you today")):
+    cases = ((["are you"], "Hello! How "), (["xyz", "本語"], "Hello! How are you today? Ünïcödé 日"),
+             (["?"], "Hello! How are you today"))
+    for stop, want in cases:
         s, parts = _run(tok, ids, stop=stop)
         assert "".join(parts) == want and s.finish_reason == "stop", stop
         assert s.num_tokens < len(ids)  # noticed as soon as the stop string was complete

@@ -27,7 +27,6 @@ import sys
 import threading
 from typing import List, Optional
 
-import torch.distributed as dist
 
 from megatron_patch.inference import openai_protocol as api
 
@@ -201,6 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         runner, tok, tok_dir = g.setup_from_args(a)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if sock is not None:
+            sock.close()
         return 2
     except KeyboardInterrupt:
         return 130
