@@ -27,7 +27,6 @@ import sys
 import threading
 from typing import List, Optional
 
-
 from megatron_patch.inference import openai_protocol as api
 
 log = logging.getLogger("megatron_patch.server")
