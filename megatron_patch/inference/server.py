@@ -30,6 +30,7 @@ from typing import List, Optional
 from megatron_patch.inference import openai_protocol as api
 
 log = logging.getLogger("megatron_patch.server")
+SHUTDOWN_S = 30
 
 
 def _require_web():
@@ -93,10 +94,15 @@ def build_app(card: api.ModelCard, scheduler, api_key: Optional[str] = None):
     async def serve(req: api.GenRequest):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+
+        def sink(ev, i):  # called from the decoding thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (i,) + ev)
+            except RuntimeError:  # the HTTP loop has closed (shutdown): nobody to tell
+                pass
+
         for i, prompt in enumerate(req.prompts):
-            scheduler.submit(prompt, req.params, req.stop,
-                             lambda ev, _i=i: loop.call_soon_threadsafe(events.put_nowait,
-                                                                        (_i,) + ev))
+            scheduler.submit(prompt, req.params, req.stop, lambda ev, _i=i: sink(ev, _i))
         if req.stream:
             return StreamingResponse(_sse(req, events), media_type="text/event-stream")
         texts, reasons, n_new = [""] * len(req.prompts), [""] * len(req.prompts), \
@@ -242,7 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _start_http(app, sock: socket.socket, log_level: str):
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    # on shutdown, requests in flight get this long to finish before uvicorn cuts them
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_S)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="http", daemon=True)
