@@ -4,8 +4,8 @@ A tiny random Llama is converted HF -> Megatron (TP=2 files) -> HF (mg2hf). The 
 the Megatron checkpoint in a subprocess; every answer is compared with transformers' greedy
 ``generate`` on the mg2hf output (the reference the chat/generate CLIs are tested against):
 completions and chat, streamed and not, 8 concurrent clients (decoded in shared batches),
-stop strings; malformed requests get 4xx JSON errors and the server keeps serving; SIGTERM
-ends it with exit code 0. The TP=2 server runs under torchrun and stops on Ctrl-C (SIGINT to
+stop strings; the generate CLI prints the same text; malformed requests get 4xx JSON errors
+and the server keeps serving; SIGTERM ends it with exit code 0. The TP=2 server runs under torchrun and stops on Ctrl-C (SIGINT to
 the process group).
 """
 import json
@@ -217,6 +217,18 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(server, ref):
     text, reason, _ = ref.completion(PROMPTS[2])
     r = c.completions.create(model="mcore", prompt=PROMPTS[2], max_tokens=NEW, temperature=0)
     assert r.choices[0].text == text  # still serving, same answers
+
+
+def test_generate_cli_prints_the_same(server, tiny):
+    """The generate CLI (KV engine, its prompts as one batch) prints what the server answers."""
+    r = server.client.completions.create(model="mcore", prompt=PROMPTS[:2], max_tokens=NEW,
+                                         temperature=0)
+    p = subprocess.run([sys.executable, "-m", "megatron_patch.inference.generate", "--load",
+                        tiny["mcore"], "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                        "--max-new-tokens", str(NEW)], capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout == "".join(c.text + "\n" for c in r.choices)
 
 
 def test_sigterm_stops_cleanly(server):
