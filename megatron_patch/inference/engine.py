@@ -146,16 +146,12 @@ class KVCacheEngine(_Engine):
                         done.append(r)
                 if len(done) == len(rows):
                     break
-                if done:
-                    keep = [r for r in range(len(rows)) if r not in done]
-                    rows = [rows[r] for r in keep]
-                    idx = torch.tensor(keep, dtype=torch.long)
-                    nxt, positions, key_pad = nxt[idx.to(nxt.device)], positions[idx], key_pad[idx]
+                if done:  # finished rows leave the batch and the cache
+                    keep = torch.tensor([r for r in range(len(rows)) if r not in done])
+                    rows = [rows[r] for r in keep.tolist()]
+                    nxt, positions, key_pad = nxt[keep], positions[keep], key_pad[keep]
                     rope.positions = positions
-                    dev_idx = None
-                    for layer, (k, v) in ctx.key_value_memory_dict.items():
-                        dev_idx = idx.to(k.device) if dev_idx is None else dev_idx
-                        ctx.key_value_memory_dict[layer] = (k[:, dev_idx], v[:, dev_idx])
+                    _keep_cache_rows(ctx, keep)
                 off = ctx.sequence_len_offset
                 step_mask = None
                 if bool(key_pad[:, : off + 1].any()):
@@ -183,6 +179,13 @@ class KVCacheEngine(_Engine):
             if sampled:
                 nxt = tp_agree(nxt)
         return runner.share(nxt, (len(rows),), torch.long).cpu()
+
+
+def _keep_cache_rows(ctx: StaticInferenceContext, keep: torch.Tensor) -> None:
+    """Only the batch rows ``keep`` stay in every layer's key/value buffers."""
+    for layer, (k, v) in ctx.key_value_memory_dict.items():
+        idx = keep.to(k.device)
+        ctx.key_value_memory_dict[layer] = (k[:, idx], v[:, idx])
 
 
 class _RowRope:
