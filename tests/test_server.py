@@ -69,7 +69,7 @@ def _env():
                 TOKENIZERS_PARALLELISM="false")
 
 
-def _wait_ready(url, proc, log_path, timeout=180):
+def _wait_ready(url, proc, log_path, timeout=400):
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
