@@ -80,13 +80,14 @@ class _StubRunner:
 
 def test_chat_loop_edge_cases(tiny):
     from megatron_patch.inference.chat import Chat
+    from megatron_patch.inference.engine import RecomputeEngine
     from megatron_patch.inference.generate import SamplingParams
     from megatron_patch.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny["hf"])
     word = tok.encode(" stars", add_special_tokens=False)[0]
     out, err = io.StringIO(), io.StringIO()
-    chat = Chat(_StubRunner(word, max_length=64), tok, [tok.eos_id],
+    chat = Chat(RecomputeEngine(_StubRunner(word, max_length=64)), tok, [tok.eos_id],
                 SamplingParams(max_new_tokens=3), out=out, err=err)
     # end of input without "exit"; "clear" forgets the conversation
     turns = chat.loop(io.StringIO("hi\nclear\nhello\n"))

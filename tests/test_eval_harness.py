@@ -133,7 +133,7 @@ def hf_direct(tiny):
 
 def _evaluate_megatron(rank, world, mcore, tasks_dir, gen_requests):
     """Both layouts in one pair of processes: TP=2, then TP=1 with data parallel 2; then the
-    model's generate_until and loglikelihood_rolling at TP=2."""
+    model's generate_until (batches of 4, KV cache) and loglikelihood_rolling at TP=2."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -156,7 +156,8 @@ def _evaluate_megatron(rank, world, mcore, tasks_dir, gen_requests):
 
     from megatron_patch.evaluation.lm_model import MegatronPatchLM
 
-    lm = MegatronPatchLM(load=mcore, tp=2)
+    # batch_size 4: generate_until decodes left-padded batches with the KV-cached engine
+    lm = MegatronPatchLM(load=mcore, tp=2, batch_size=4)
     out["gen"] = lm.generate_until([Instance("generate_until", {}, r, i)
                                     for i, r in enumerate(gen_requests)], disable_tqdm=True)
     out["rolling"] = lm.loglikelihood_rolling(

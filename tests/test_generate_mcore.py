@@ -2,9 +2,10 @@
 
 The tiny random Llama is converted HF -> Megatron (TP=2) -> HF (mg2hf). Greedy tokens from
 the Megatron checkpoint, loaded at TP=2 and at PP=2, equal
-``LlamaForCausalLM.generate(do_sample=False)`` on the mg2hf output for several prompts;
-stopping on an EOS id matches too, and so do the continuation log-probabilities lm-eval
-scores with. Sampling: same seed -> same tokens on every rank, top-k=1
+``LlamaForCausalLM.generate(do_sample=False)`` on the mg2hf output for several prompts, for
+the full-recompute path and for the KV-cached engine (all prompts as one left-padded
+batch); stopping on an EOS id matches too, and so do the continuation log-probabilities
+lm-eval scores with. Sampling: same seed -> same tokens on every rank (both paths), top-k=1
 and a tiny top-p reduce to greedy, and the filters keep exactly the intended tokens.
 """
 import pytest
@@ -61,6 +62,7 @@ def reference(tiny):
 
 def _generate_layouts(rank, world, mcore, ids, eos_cases, new, score_items):
     from megatron_patch import parallel
+    from megatron_patch.inference.engine import KVCacheEngine
     from megatron_patch.inference.generate import SamplingParams, generate
     from megatron_patch.inference.loading import load_model, resolve_arch
     from megatron_patch.inference.runner import ModelRunner
@@ -74,6 +76,12 @@ def _generate_layouts(rank, world, mcore, ids, eos_cases, new, score_items):
         eos = [generate(runner, p, SamplingParams(max_new_tokens=new), eos_ids=[e])
                for p, e, _ in eos_cases]
         res = {"greedy": greedy, "eos": eos, "scores": runner.score(score_items)}
+        kv = KVCacheEngine(runner)
+        res["kv_greedy"] = kv.generate_batch(ids, SamplingParams(max_new_tokens=new))
+        res["kv_eos"] = [kv.generate(p, SamplingParams(max_new_tokens=new), eos_ids=[e])
+                         for p, e, _ in eos_cases]
+        res["kv_sampled"] = kv.generate_batch(
+            ids, [SamplingParams(max_new_tokens=6, temperature=0.9, seed=s) for s in (7, 8, 9)])
         if (tp, pp) == (2, 1):
             def sample(**kw):
                 return generate(runner, ids[0], SamplingParams(max_new_tokens=6, **kw))
@@ -94,16 +102,21 @@ def test_greedy_matches_transformers_at_tp_and_pp(tiny, reference):
     for layout, res in got[0].items():
         for r in range(2):  # every rank returns the same tokens
             assert got[r][layout]["greedy"] == res["greedy"], (layout, r)
-        for p, mine, ref in zip(PROMPTS, res["greedy"], reference["greedy"]):
+        for p, mine, kv, ref in zip(PROMPTS, res["greedy"], res["kv_greedy"],
+                                    reference["greedy"]):
             assert mine == ref, f"{layout} {p!r}: {mine} != {ref}"
-        for (_, e, ref), mine in zip(reference["eos"], res["eos"]):
+            assert kv == ref, f"{layout} KV {p!r}: {kv} != {ref}"
+        for (_, e, ref), mine, kv in zip(reference["eos"], res["eos"], res["kv_eos"]):
             assert mine == ref and mine[-1] == e and e not in mine[:-1], (layout, mine, ref)
+            assert kv == ref, (layout, kv, ref)
+        assert got[1][layout]["kv_sampled"] == res["kv_sampled"]  # ranks agree on draws
         for r in range(2):
             for (a, ga), (b, gb) in zip(got[r][layout]["scores"], reference["scores"]):
                 assert abs(a - b) < 1e-4 and ga == gb, (layout, r, a, b)
     print(f"greedy == transformers for {len(PROMPTS)} prompts x {NEW} tokens at TP2 and PP2")
     s = got[0][(2, 1)]
     assert s["sampled"][0] == s["sampled"][1] and s["sampled"][0] != s["sampled"][2]
+    assert s["kv_sampled"][0] == s["sampled"][0]  # same seed, same draws on both paths
     assert got[1][(2, 1)]["sampled"] == s["sampled"]
     assert s["top_k1"] == reference["greedy"][0][:6]
     assert s["top_p_tiny"] == reference["greedy"][0][:6]

@@ -8,7 +8,9 @@ directly, at the TP/PP given in model_args, with no conversion to HF.
 model_args: load (required), tokenizer (default: hf_config, then load), tp, pp (default 1),
 precision fp32|bf16|fp16 (default fp32 on CPU, bf16 on GPU), hf_config / model_size (where the
 architecture comes from when <load>/config.json is absent), max_length (default the model's
-context), max_gen_toks (256), add_bos_token (default: the tokenizer's own behaviour).
+context), max_gen_toks (256), add_bos_token (default: the tokenizer's own behaviour),
+engine kv|recompute (generate_until: KV-cached batched decoding, default, or the reference
+full-recompute path; both give the same greedy text).
 
 Processes: launch TP*PP*DP of them (torchrun or accelerate launch); lm-eval splits documents
 over the DP replicas, and the ranks of one model-parallel group run every forward together.
@@ -37,13 +39,14 @@ class MegatronPatchLM(TemplateLM):
                  model_size: Optional[str] = None, batch_size=1, max_batch_size=None,
                  max_length: Optional[int] = None, max_gen_toks: int = 256,
                  add_bos_token: Optional[bool] = None, device=None, seed: int = 1234,
-                 **unused):
+                 engine: str = "kv", **unused):
         super().__init__()
         import megatron_patch  # noqa: F401  (activates the device backend)
         from megatron.core import parallel_state
 
         from megatron_patch import parallel
         from megatron_patch.backends import active_backend
+        from megatron_patch.inference.engine import ENGINES, make_engine
         from megatron_patch.inference.loading import find_checkpoint, load_model, resolve_arch
         from megatron_patch.inference.runner import ModelRunner
         from megatron_patch.tokenizer import load_tokenizer
@@ -53,6 +56,9 @@ class MegatronPatchLM(TemplateLM):
         if not load:
             raise ValueError("megatron_patch model: model_args must give load=<Megatron "
                              "checkpoint directory>")
+        if engine not in ENGINES:
+            raise ValueError(f"megatron_patch model: engine={engine}: one of "
+                             f"{'|'.join(sorted(ENGINES))}")
         load = os.path.expanduser(str(load))
         ckpt = find_checkpoint(load)  # one clear error for a wrong path, before anything heavy
         self.arch = resolve_arch(load, hf_config, model_size)
@@ -90,6 +96,7 @@ class MegatronPatchLM(TemplateLM):
                         "--batch_size N)")
             bs = "1"
         self.batch_size_per_gpu = max(1, int(bs))
+        self.engine = make_engine(self.runner, engine, self.batch_size_per_gpu)
         self._load, self._precision, self._tp, self._pp = load, precision, tp, pp
         from megatron_patch.inference.generate import eos_ids_of
         self._eos_ids = eos_ids_of(self.tok, next(
@@ -213,13 +220,11 @@ class MegatronPatchLM(TemplateLM):
         from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                           postprocess_generated_text)
 
-        from megatron_patch.inference.generate import SamplingParams, generate
+        from megatron_patch.inference.sampling import SamplingParams
 
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        results = []
-        for context, gen_kwargs in tqdm([r.args for r in requests],
-                                        disable=disable_tqdm or self.rank != 0,
-                                        desc="megatron_patch generate_until"):
+        jobs = []  # (ids, params, stop strings, lm-eval's `until`)
+        for context, gen_kwargs in [r.args for r in requests]:
             kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kw.pop("until", None), eos=eos_text)
             max_new = int(kw.pop("max_gen_toks"))
@@ -234,15 +239,27 @@ class MegatronPatchLM(TemplateLM):
                 top_p=float(kw.get("top_p") or 1.0) if sample else 1.0,
                 seed=int(kw.get("seed", 1234)))
             ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
-            stops = [s for s in until if s]
+            jobs.append((ids, params, [s for s in until if s], until))
 
-            def stop(new, _stops=stops):
+        def stop_test(stops):
+            def stop(new):
                 tail = self.tokenizer.decode(new[-32:])
-                return any(s in tail for s in _stops)
+                return any(s in tail for s in stops)
+            return stop if stops else None
 
-            new = generate(self.runner, ids, params, eos_ids=self._eos_ids, stop=stop)
-            text = postprocess_generated_text(self.tok_decode(new), stop=until,
-                                              think_end_token=None)
+        # longest first (as lm-eval's HF model): rows of a batch have similar lengths
+        order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][0]))
+        results = [None] * len(jobs)
+        bs = self.batch_size
+        for start in tqdm(range(0, len(order), bs), disable=disable_tqdm or self.rank != 0,
+                          desc="megatron_patch generate_until"):
+            chunk = order[start:start + bs]
+            outs = self.engine.generate_batch(
+                [jobs[i][0] for i in chunk], [jobs[i][1] for i in chunk],
+                eos_ids=self._eos_ids, stops=[stop_test(jobs[i][2]) for i in chunk])
+            for i, new in zip(chunk, outs):
+                results[i] = postprocess_generated_text(self.tok_decode(new), stop=jobs[i][3],
+                                                        think_end_token=None)
+        for (context, gen_kwargs), text in zip([r.args for r in requests], results):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            results.append(text)
         return results

@@ -33,6 +33,21 @@ def build_prompt(tokenizer, messages: List[dict], template: Optional[str] = None
                                          **kw)
 
 
+def chat_template(tok, tok_dir: str, generation: str, path: Optional[str] = None):
+    """The Jinja template to use: ``path``'s contents, else None (the tokenizer's own), else
+    (a tokenizer without one) our format for the model's generation, with a note."""
+    if path:
+        with open(path) as f:
+            return f.read()
+    if getattr(tok.hf, "chat_template", None):
+        return None
+    from megatron_patch.tokenizer.chat_templates import BY_GENERATION
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[note] {tok_dir} has no chat template; using the {generation} format",
+              file=sys.stderr)
+    return BY_GENERATION[generation]
+
+
 def _broadcast(obj, rank0: bool):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
@@ -42,9 +57,11 @@ def _broadcast(obj, rank0: bool):
 
 
 class Chat:
-    def __init__(self, runner, tokenizer, eos_ids, params, system: Optional[str] = None,
+    """``engine``: a generation engine (``engine.make_engine``); every rank holds one."""
+
+    def __init__(self, engine, tokenizer, eos_ids, params, system: Optional[str] = None,
                  template: Optional[str] = None, show_prompt: bool = False, out=None, err=None):
-        self.runner, self.tok, self.eos = runner, tokenizer, list(eos_ids)
+        self.engine, self.tok, self.eos = engine, tokenizer, list(eos_ids)
         self.params, self.system, self.template = params, system, template
         self.show_prompt = show_prompt
         self.out, self.err = out or sys.stdout, err or sys.stderr
@@ -56,7 +73,7 @@ class Chat:
         return head + self.history
 
     def _prompt_ids(self) -> List[int]:
-        room = self.runner.max_length - self.params.max_new_tokens
+        room = self.engine.max_length - self.params.max_new_tokens
         while True:
             text = build_prompt(self.tok.hf, self.messages(), self.template)
             ids = self.tok.encode(text, add_special_tokens=False)
@@ -74,35 +91,23 @@ class Chat:
         return ids
 
     def reply(self, user_text: str) -> str:
-        from megatron_patch.inference.generate import generate
+        from megatron_patch.inference.text_stream import TextStream
 
         self.history.append({"role": "user", "content": user_text})
         ids = self._prompt_ids()
-        shown = [""]
-        new: List[int] = []
-
-        def visible(final: bool) -> str:
-            text = self.tok.decode([x for x in new if x not in self.eos],
-                                   skip_special_tokens=True)
-            # hold back a trailing partial UTF-8 character until its last byte arrives
-            return text if final else text.rstrip("\ufffd")
+        stream = TextStream(self.tok, eos_ids=self.eos)
 
         def show(text: str) -> None:
-            if self.rank0 and text.startswith(shown[0]) and len(text) > len(shown[0]):
-                self.out.write(text[len(shown[0]):])
+            if self.rank0 and text:
+                self.out.write(text)
                 self.out.flush()
-                shown[0] = text
-
-        def stream(t):
-            new.append(t)
-            if self.rank0:
-                show(visible(final=False))
 
         if self.rank0:
             self.out.write(REPLY)
-        generate(self.runner, ids, self.params, eos_ids=self.eos, on_token=stream)
-        show(visible(final=True))
-        answer = visible(final=True).strip()
+        self.engine.generate(ids, self.params, eos_ids=self.eos,
+                             on_token=lambda t: show(stream.push(t)))
+        show(stream.close())
+        answer = stream.text.strip()
         if self.rank0:
             self.out.write("\n\n")
             self.out.flush()
@@ -159,18 +164,9 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    template = None
-    if a.chat_template:
-        with open(a.chat_template) as f:
-            template = f.read()
-    elif not getattr(tok.hf, "chat_template", None):
-        from megatron_patch.tokenizer.chat_templates import BY_GENERATION
-        template = BY_GENERATION[runner.arch.generation]
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"[note] {tok_dir} has no chat template; using the {runner.arch.generation} "
-                  "format", file=sys.stderr)
-    chat = Chat(runner, tok, g.eos_ids_of(tok, runner.config_dir), params,
-                system=a.system, template=template, show_prompt=a.show_prompt)
+    template = chat_template(tok, tok_dir, runner.arch.generation, a.chat_template)
+    chat = Chat(g.engine_from_args(a, runner), tok, g.eos_ids_of(tok, runner.config_dir),
+                params, system=a.system, template=template, show_prompt=a.show_prompt)
     try:
         chat.loop()
     except KeyboardInterrupt:

@@ -1,12 +1,15 @@
-"""Text generation from a megatron-core Llama: greedy or sampled (temperature, top-k, top-p),
-max new tokens, stop on EOS ids or on a caller's stop test. Runs on every rank of the
-model-parallel group; every rank returns the same tokens.
+"""Text generation from a megatron-core Llama: greedy or sampled (temperature, top-k, top-p,
+repetition / presence / frequency penalties), max new tokens, stop on EOS ids or on a
+caller's stop test; plus the command-line plumbing the generate, chat and server CLIs share.
 
-CLI (one prompt, or several with --prompt repeated):
+CLI (one prompt, or several with --prompt repeated: they run as one batch):
 
     python -m megatron_patch.inference.generate --load CKPT --tokenizer TOK_DIR \
         --prompt "The capital of France is" [--max-new-tokens 64] [--temperature 0.7 --top-p 0.9]
     torchrun --nproc_per_node 2 -m megatron_patch.inference.generate --tp 2 ...
+
+``--engine kv`` (default) decodes with megatron-core's KV cache (``engine``); ``--engine
+recompute`` runs the reference path (``recompute``), which gives the same greedy tokens.
 """
 from __future__ import annotations
 
@@ -14,97 +17,14 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.0   # 0: greedy (argmax)
-    top_k: int = 0             # 0: off
-    top_p: float = 1.0         # 1: off
-    seed: int = 1234
-
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def next_token(logits: torch.Tensor, params: SamplingParams,
-               generator: Optional[torch.Generator] = None) -> int:
-    """One token from fp32 logits [vocab]: argmax when greedy, else sample after
-    temperature, then top-k, then top-p filtering (transformers' order)."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
-    if params.top_k and params.top_k < scores.numel():
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        order = torch.argsort(scores, descending=True)
-        probs = torch.softmax(scores[order], dim=-1)
-        # drop a token once the tokens ranked above it already cover top_p
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        drop[0] = False
-        scores = scores.clone()
-        scores[order[drop]] = float("-inf")
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def _tp_broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Make the TP ranks of the last stage agree on a sampled value (rank 0 of TP decides)."""
-    from megatron.core import parallel_state
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.broadcast(t, src=parallel_state.get_tensor_model_parallel_src_rank(),
-                       group=parallel_state.get_tensor_model_parallel_group())
-    return t
-
-
-def generate(runner, prompt: List[int], params: SamplingParams = SamplingParams(),
-             eos_ids: Iterable[int] = (), stop: Optional[Callable[[List[int]], bool]] = None,
-             on_token: Optional[Callable[[int], None]] = None) -> List[int]:
-    """New tokens after ``prompt`` (ids). Stops at ``max_new_tokens``, the model's context
-    length, an id in ``eos_ids`` (included in the result) or when ``stop(new_tokens)`` is true.
-    ``on_token`` is called with each new id (streaming output)."""
-    if not prompt:
-        raise ValueError("generate needs a non-empty prompt (add a BOS token)")
-    eos = set(int(e) for e in eos_ids)
-    gen = None if params.greedy else torch.Generator().manual_seed(params.seed)
-    tokens = list(prompt)
-    new: List[int] = []
-    for _ in range(params.max_new_tokens):
-        if len(tokens) >= runner.max_length:
-            break
-        logits = runner.logits(torch.tensor([tokens], dtype=torch.long))
-        tok = None
-        if logits is not None:
-            tok = torch.tensor([next_token(logits[0, -1], params, gen)], dtype=torch.long,
-                               device=runner.device)
-            if not params.greedy:
-                tok = _tp_broadcast(tok)
-        t = int(runner.share(tok, (1,), torch.long)[0])
-        tokens.append(t)
-        new.append(t)
-        if on_token is not None:
-            on_token(t)
-        if t in eos or (stop is not None and stop(new)):
-            break
-    return new
+# re-exported: callers use generate.generate / SamplingParams / next_token
+from megatron_patch.inference.recompute import generate  # noqa: F401
+from megatron_patch.inference.sampling import SamplingParams, next_token  # noqa: F401
 
 
 def eos_ids_of(tokenizer, generation_config_dir: Optional[str] = None) -> List[int]:
@@ -128,7 +48,7 @@ def eos_ids_of(tokenizer, generation_config_dir: Optional[str] = None) -> List[i
 
 
 # ---- shared CLI plumbing (generate and chat) ------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--load", required=True, help="Megatron checkpoint directory (any TP/PP)")
     g.add_argument("--tokenizer", default=None,
@@ -141,17 +61,32 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pp", type=int, default=1)
     g.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32",
                    choices=["fp32", "bf16", "fp16"])
-    s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=1234)
+    if sampling:
+        s = p.add_argument_group("sampling")
+        s.add_argument("--max-new-tokens", type=int, default=256)
+        s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        s.add_argument("--top-k", type=int, default=0)
+        s.add_argument("--top-p", type=float, default=1.0)
+        s.add_argument("--seed", type=int, default=1234)
+        s.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="> 1 discourages repeating prompt or generated tokens")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", default="kv", choices=["kv", "recompute"],
+                   help="kv: KV-cached batched decoding (default); recompute: the reference "
+                        "path, whole sequence every step")
+    e.add_argument("--max-batch-size", type=int, default=8,
+                   help="prompts decoded together at most (kv engine)")
 
 
 def sampling_from_args(a) -> SamplingParams:
     return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+                          top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                          repetition_penalty=a.repetition_penalty)
+
+
+def engine_from_args(a, runner):
+    from megatron_patch.inference.engine import make_engine
+    return make_engine(runner, a.engine, a.max_batch_size)
 
 
 def setup_from_args(a):
@@ -194,15 +129,17 @@ def main(argv=None) -> int:
     from megatron_patch.inference.loading import CheckpointError
     try:
         params = sampling_from_args(a)
+        if a.max_batch_size < 1:
+            raise ValueError(f"--max-batch-size must be >= 1, got {a.max_batch_size}")
         runner, tok, tok_dir = setup_from_args(a)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     eos = eos_ids_of(tok, runner.config_dir)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    for text in a.prompt:
-        ids = tok.encode(text, add_special_tokens=not a.no_bos)
-        out = generate(runner, ids, params, eos_ids=eos)
+    engine = engine_from_args(a, runner)
+    ids = [tok.encode(text, add_special_tokens=not a.no_bos) for text in a.prompt]
+    for out in engine.generate_batch(ids, params, eos_ids=eos):
         if rank0:
             print(tok.decode([t for t in out if t not in eos]), flush=True)
     from megatron_patch import parallel

@@ -6,9 +6,8 @@ the vocab-parallel logits over TP and cuts them to the real vocabulary. Results 
 needs everywhere (next token, scores) are broadcast from the last stage over the pipeline
 group, so each rank returns the same values.
 
-No KV cache: each decoding step runs the whole sequence again. That is exact (the tests
-compare with transformers' cached generate) and plenty for evaluation-sized outputs; long
-chat replies on big models are slower than a cached decoder would be.
+``logits`` runs the whole sequence (the full-recompute reference and scoring); ``forward``
+also takes a megatron-core inference context, which the KV-cached engine (``engine``) uses.
 """
 from __future__ import annotations
 
@@ -44,19 +43,34 @@ class ModelRunner:
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """tokens [b, s] -> fp32 logits [b, s, vocab] on the last pipeline stage, None on
-        the others (they still take part)."""
-        tokens = tokens.to(self.device)
+        the others (they still take part). Causal attention, positions 0..s-1."""
         b, s = tokens.shape
         pos = torch.arange(s, device=self.device).unsqueeze(0).expand(b, -1)
+        return self.forward(tokens, pos)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None,
+                inference_context=None) -> Optional[torch.Tensor]:
+        """One pass through the pipeline. With a megatron-core ``inference_context`` (KV
+        cache) the model keeps only the last position: logits [b, 1, vocab]."""
+        tokens = tokens.to(self.device)
+        position_ids = position_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        b, s = tokens.shape
         if not self.first:
             hidden = torch.empty(s, b, self.arch.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
             self.model.set_input_tensor(hidden)
-        out = self.model(tokens, pos, None)
+        kw = {}
+        if inference_context is not None:  # megatron gathers the TP logits itself then
+            kw = dict(inference_context=inference_context, runtime_gather_output=True)
+        out = self.model(tokens, position_ids, attention_mask, **kw)
         if not self.last:
             dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
             return None
-        if self.tp > 1:
+        if self.tp > 1 and inference_context is None:
             out = gather_from_tensor_model_parallel_region(out)
         return out[..., : self.vocab_size].float()
 
