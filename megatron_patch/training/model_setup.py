@@ -26,29 +26,39 @@ def build_model_chunks(arch: LlamaArch, config: TransformerConfig, wrap_ddp: boo
     chunks = [build_llama(arch, config, vp_stage=vp_stage).to(device) for vp_stage in stages]
     if not wrap_ddp:
         return chunks
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False,
-        bucket_size=None if not overlap_grad_reduce else 40_000_000)
+    ddp = ddp_config(use_distributed_optimizer, overlap_grad_reduce)
     wrapped = []
     for i, model in enumerate(chunks):
         wrapped.append(DistributedDataParallel(
-            config=config, ddp_config=ddp_config, module=model,
+            config=config, ddp_config=ddp, module=model,
             # bucketing of later chunks is disabled like Megatron-LM (only chunk 0 overlaps)
             disable_bucketing=i > 0))
     return wrapped
 
 
-def build_optimizer(chunks: list, config: TransformerConfig, lr: float, min_lr: float = 0.0,
-                    weight_decay: float = 0.1, clip_grad: float = 1.0,
-                    use_distributed_optimizer: bool = False, adam_beta1: float = 0.9,
-                    adam_beta2: float = 0.95, adam_eps: float = 1e-8,
-                    initial_loss_scale: Optional[float] = None):
-    opt_config = OptimizerConfig(
+def ddp_config(use_distributed_optimizer: bool = False,
+               overlap_grad_reduce: bool = False) -> DistributedDataParallelConfig:
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False,
+        bucket_size=None if not overlap_grad_reduce else 40_000_000)
+
+
+def build_optimizer(chunks: list, config: TransformerConfig, **kwargs):
+    """megatron-core's optimizer over the chunks; kwargs: optimizer_config's."""
+    return get_megatron_optimizer(optimizer_config(config, **kwargs), chunks)
+
+
+def optimizer_config(config: TransformerConfig, lr: float, min_lr: float = 0.0,
+                     weight_decay: float = 0.1, clip_grad: float = 1.0,
+                     use_distributed_optimizer: bool = False, adam_beta1: float = 0.9,
+                     adam_beta2: float = 0.95, adam_eps: float = 1e-8,
+                     initial_loss_scale: Optional[float] = None) -> OptimizerConfig:
+    """build_optimizer's megatron-core OptimizerConfig (precision from the model's config)."""
+    return OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps,
         clip_grad=clip_grad, bf16=config.bf16, fp16=config.fp16,
         params_dtype=config.params_dtype, use_distributed_optimizer=use_distributed_optimizer,
         initial_loss_scale=initial_loss_scale if config.fp16 else None,
         loss_scale=None)
-    return get_megatron_optimizer(opt_config, chunks)

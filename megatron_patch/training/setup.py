@@ -37,6 +37,58 @@ class Run:
                 "flops": self.flops}
 
 
+# ---- TrainConfig -> megatron-core configuration objects (pure: no process group) ----------
+# setup() builds the run from exactly these, so a test can check that every launcher
+# argument reaches the megatron-core field it names without training (tests/test_config_wiring.py)
+@dataclass
+class MegatronConfigs:
+    transformer: object   # megatron.core TransformerConfig
+    optimizer: object     # megatron.core.optimizer OptimizerConfig
+    ddp: object           # megatron.core.distributed DistributedDataParallelConfig
+    scheduler: dict       # OptimizerParamScheduler's keyword arguments (all but the optimizer)
+
+
+def megatron_configs(cfg: TrainConfig, arch, backend) -> MegatronConfigs:
+    """The megatron-core configuration objects setup() builds for cfg on ``backend``."""
+    from megatron_patch.training.model_setup import ddp_config, optimizer_config
+    tconfig = transformer_config_for(cfg, arch, backend)
+    return MegatronConfigs(tconfig, optimizer_config(tconfig, **_optimizer_config_kwargs(cfg)),
+                           ddp_config(**ddp_kwargs(cfg)), scheduler_kwargs(cfg))
+
+
+def transformer_config_for(cfg: TrainConfig, arch, backend):
+    """The TransformerConfig of a run: the model, layout, precision, recompute and the
+    backend's kernel choices (PR=fp8: its fp8 recipe, bf16 parameters)."""
+    from megatron_patch.models.llama.config import ParallelSettings, transformer_config
+    par = cfg.parallel
+    precision = cfg.precision.dtype
+    overrides = {"init_method_std": cfg.model.init_method_std}
+    overrides.update(backend.training_overrides(cfg.model.flash_attn, precision))
+    if precision == "fp8":  # the backend set the fp8 recipe; parameters are bf16
+        precision = "bf16"
+    return transformer_config(
+        arch, ParallelSettings(tp=par.tp, pp=par.pp, cp=par.cp,
+                               sequence_parallel=par.sequence_parallel, vp=par.vp,
+                               pp0_layers=par.pp0_layers),
+        precision, recompute=cfg.memory.recompute,
+        recompute_num_layers=cfg.memory.recompute_num_layers, **overrides)
+
+
+def ddp_kwargs(cfg: TrainConfig) -> dict:
+    """model_setup.build_model_chunks' / ddp_config's keyword arguments."""
+    return dict(use_distributed_optimizer=cfg.optim.distributed_optimizer)
+
+
+def scheduler_kwargs(cfg: TrainConfig) -> dict:
+    """OptimizerParamScheduler's keyword arguments: cosine LR with warmup to MIN_LR,
+    counted in samples like Megatron-LM."""
+    gbs, o = cfg.data.global_batch_size, cfg.optim
+    return dict(init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
+                lr_warmup_steps=o.warmup_iters * gbs, lr_decay_steps=o.lr_decay_iters * gbs,
+                lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
+                wd_incr_steps=o.train_iters * gbs, wd_incr_style="constant")
+
+
 def _optimizer_config_kwargs(cfg: TrainConfig) -> dict:
     o = cfg.optim
     return dict(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
@@ -74,7 +126,6 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     from megatron_patch import checkpoint as ckpt_lib
     from megatron_patch import parallel
     from megatron_patch.backends import active_backend
-    from megatron_patch.models.llama.config import ParallelSettings, transformer_config
     from megatron_patch.training import checkpointing
     from megatron_patch.training.model_setup import build_model_chunks, build_optimizer
 
@@ -88,21 +139,10 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     init_num_microbatches_calculator(dist.get_rank(), None, cfg.data.global_batch_size,
                                      cfg.data.micro_batch_size, dp, False)
 
-    precision = cfg.precision.dtype
     backend = active_backend()
-    fp8 = _fp8_path(backend) if precision == "fp8" else None
-    overrides = {"init_method_std": cfg.model.init_method_std}
-    overrides.update(backend.training_overrides(cfg.model.flash_attn, precision))
-    if precision == "fp8":  # the backend set the fp8 recipe; parameters are bf16
-        precision = "bf16"
-    tconfig = transformer_config(
-        arch, ParallelSettings(tp=par.tp, pp=par.pp, cp=par.cp,
-                               sequence_parallel=par.sequence_parallel, vp=par.vp,
-                               pp0_layers=par.pp0_layers),
-        precision, recompute=cfg.memory.recompute,
-        recompute_num_layers=cfg.memory.recompute_num_layers, **overrides)
-    chunks = build_model_chunks(arch, tconfig,
-                                use_distributed_optimizer=cfg.optim.distributed_optimizer)
+    fp8 = _fp8_path(backend) if cfg.precision.dtype == "fp8" else None
+    tconfig = transformer_config_for(cfg, arch, backend)
+    chunks = build_model_chunks(arch, tconfig, **ddp_kwargs(cfg))
     if fp8 is not None:
         _prepare_fp8(fp8, chunks, log)
 
@@ -123,12 +163,7 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
 
     # the optimizer copies main params from the (loaded) model params
     optimizer = build_optimizer(chunks, tconfig, **_optimizer_config_kwargs(cfg))
-    gbs, o = cfg.data.global_batch_size, cfg.optim
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_iters * gbs, lr_decay_steps=o.lr_decay_iters * gbs,
-        lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=o.train_iters * gbs, wd_incr_style="constant")
+    scheduler = OptimizerParamScheduler(optimizer, **scheduler_kwargs(cfg))
 
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
@@ -141,7 +176,7 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
         c = state.get("megatron_patch", {})
         run.iteration = int(state["iteration"])
         run.consumed_train_samples = int(c.get("consumed_train_samples",
-                                               run.iteration * gbs))
+                                               run.iteration * cfg.data.global_batch_size))
         run.consumed_valid_samples = int(c.get("consumed_valid_samples", 0))
         run.skipped_iters = int(c.get("skipped_iters", 0))
         run.nan_iters = int(c.get("nan_iters", 0))
