@@ -220,7 +220,7 @@ def step_parity(shape: Shape, work: str) -> dict:
     from megatron_patch import parallel
     from megatron_patch.backends import active_backend
     from megatron_patch.checkpoint import load_model_shards
-    from megatron_patch.conversion.check import TOLERANCES, capture_hf, capture_mcore, compare
+    from megatron_patch.conversion.check import capture_hf, capture_mcore, compare, tolerance
     from megatron_patch.models.llama import LlamaArch
     from megatron_patch.models.llama.config import ParallelSettings, transformer_config
     from megatron_patch.models.llama.provider import build_llama
@@ -240,7 +240,7 @@ def step_parity(shape: Shape, work: str) -> dict:
                         generator=torch.Generator().manual_seed(1)).to(backend.device(0))
     ref = capture_hf(hf, ids, arch.vocab_size)
     got = dict(capture_mcore(model, ids, arch.vocab_size))
-    tol = TOLERANCES["bf16"]
+    tol = tolerance("bf16", arch)
     rows, ok = [], True
     for point, r in ref:
         max_abs, rel, cos = compare(r, got[point])
