@@ -7,6 +7,9 @@ from .registry import PatchRegistry
 class Backend:
     name = "base"
     dist_backend = "gloo"  # torch.distributed backend for process groups
+    # host buffers that receive device copies (activation and optimizer offload) are pinned,
+    # so the copies run asynchronously; without an accelerator there is nothing to pin
+    pins_host_memory = False
 
     def __init__(self):
         self.registry = PatchRegistry(self.name)
@@ -38,6 +41,17 @@ class Backend:
 
     def set_device(self, local_rank: int) -> None:
         pass
+
+    def device_memory(self, local_rank: int = 0):
+        """(free, total) bytes of the device's memory, or None when the device IS the host
+        (offloading to host memory then gains nothing)."""
+        return None
+
+    def activation_offload_overrides(self, num_layers: int, pp: int, total_layers: int):
+        """TransformerConfig fields for AC=offload when this backend offloads activations
+        itself (Transformer Engine's offload context), else None: the trainer then attaches
+        plain torch saved-tensor hooks (training/offload.py)."""
+        return None
 
     def block_spec(self, config, vp_stage=None):
         from megatron_patch.backends.layer_specs import local_block_spec

@@ -51,6 +51,7 @@ def apex_grad_accum_available() -> bool:
 class CudaBackend(Backend):
     name = "cuda"
     dist_backend = "nccl"
+    pins_host_memory = True
 
     @classmethod
     def available(cls) -> bool:
@@ -66,6 +67,18 @@ class CudaBackend(Backend):
 
     def set_device(self, local_rank: int) -> None:
         torch.cuda.set_device(local_rank)
+
+    def device_memory(self, local_rank: int = 0):
+        return torch.cuda.mem_get_info(local_rank)
+
+    def activation_offload_overrides(self, num_layers: int, pp: int, total_layers: int):
+        # megatron-core drives TE's offload context for the first cpu_offloading_num_layers
+        # layers of the block; it refuses PP > 1 and offloading every layer (the last one's
+        # activations are needed at once). Those cases take the torch hooks instead.
+        if te_available() and pp == 1 and num_layers < total_layers:
+            return dict(cpu_offloading=True, cpu_offloading_num_layers=num_layers,
+                        cpu_offloading_activations=True, cpu_offloading_weights=False)
+        return None
 
     def block_spec(self, config, vp_stage=None):
         from megatron_patch.backends import layer_specs

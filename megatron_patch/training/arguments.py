@@ -74,6 +74,17 @@ def _float(name, value, positive=True):
     return x
 
 
+def env_fraction(env, name):
+    """A number in [0, 1] from the environment, or None when unset."""
+    v = env.get(name, "")
+    if v == "":
+        return None
+    x = _float(name, v, positive=False)
+    if x > 1:
+        raise _err(name, v, "must be a fraction between 0 and 1")
+    return x
+
+
 def env_int(env, name, default, minimum=1):
     v = env.get(name, "")
     return default if v == "" else _int(name, v, minimum)
@@ -223,29 +234,38 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     tokenizer = env.get("MP_TOKENIZER") or None
     kill_save = env_int(env, "MP_TEST_KILL_IN_SAVE", None)
     resume_from = env.get("MP_RESUME_FROM") or None
+    offload_fraction = env_fraction(env, "MP_OFFLOAD_FRACTION")
 
     # features that are refused rather than ignored
     if pr == "fp8" and not (_importable("transformer_engine") or _importable("torchao")):
         # the trainer's backend checks the rest (GPU generation; TE vs torchao; never bf16)
         raise ConfigError("PR='fp8' needs Transformer Engine or torchao and neither is "
                           "installed (pip install 'torchao==0.18.*'); use bf16")
+    if sft and packing and cp > 1:
+        raise ConfigError(f"MP_SFT_PACKING=true with CP={cp} is not supported: packed samples "
+                          "are not split over context-parallel ranks; use CP=1 or "
+                          "MP_SFT_PACKING=false")
     if cp > 1:
         raise ConfigError(f"CP={cp} is not supported on this backend yet: context parallelism "
                           "needs Transformer Engine attention; use CP=1")
-    if ac == "offload":
-        raise ConfigError("AC='offload' is not supported on this backend yet (activation "
-                          "offloading needs Transformer Engine); allowed: sel|full|false")
-    if offload != "false":
-        raise ConfigError(f"OPTIMIZER_OFFLOAD={offload!r} is not supported on this backend yet "
-                          "(needs Transformer Engine's precision-aware optimizer); use false")
+    if offload != "false" and not do:
+        # megatron-core's optimizer offload sits on the distributed optimizer (Pai's launcher
+        # switches it on the same way)
+        notes.append(f"OPTIMIZER_OFFLOAD={offload} needs the distributed optimizer: DO=true")
+        do = True
+        a["DO"] = "true"
+    if offload_fraction is not None and offload != "static":
+        notes.append(f"MP_OFFLOAD_FRACTION={offload_fraction:g} only applies to "
+                     f"OPTIMIZER_OFFLOAD=static; OPTIMIZER_OFFLOAD={offload}")
+        offload_fraction = None
     if sp and tp == 1:
         notes.append("SP=true has no effect with TP=1 (sequence parallelism splits "
                      "activations over the TP group); running without it")
         sp = False
     if vp == 1:
         vp = None
-    if ac != "full" and env.get("MP_AC_LAYERS"):
-        notes.append(f"MP_AC_LAYERS={ac_layers} only applies to AC=full; AC={ac}")
+    if ac not in ("full", "offload") and env.get("MP_AC_LAYERS"):
+        notes.append(f"MP_AC_LAYERS={ac_layers} only applies to AC=full|offload; AC={ac}")
     if fl:
         notes.append("FL=true: attention runs through torch scaled_dot_product_attention "
                      "(flash/cuDNN kernels on CUDA; Transformer Engine flash attention when TE "
@@ -316,7 +336,7 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
         precision=PrecisionConfig(dtype=pr),
         optim=OptimizerConfig(lr=lr, min_lr=min_lr, train_iters=train_iters,
                               warmup_iters=warmup_iters, distributed_optimizer=do,
-                              offload=offload),
+                              offload=offload, offload_fraction=offload_fraction),
         memory=MemoryConfig(recompute=None if ac == "false" else ac,
                             recompute_num_layers=ac_layers),
         data=DataConfig(micro_batch_size=mbs, global_batch_size=gbs, seq_len=seq_len,
@@ -384,7 +404,7 @@ def check_model_shape(cfg: TrainConfig, arch=None, world_size: Optional[int] = N
                           what=what, seq_name="PAD_LEN" if cfg.data.sft else "SEQ_LEN")
     except LayoutError as e:
         raise ConfigError(str(e)) from None
-    if cfg.memory.recompute == "full":
+    if cfg.memory.recompute in ("full", "offload"):
         per_stage = min(stage_layer_counts(arch.num_layers, p.pp, p.vp, p.pp0_layers))
         if cfg.memory.recompute_num_layers > per_stage:
             raise _err("MP_AC_LAYERS", cfg.memory.recompute_num_layers,

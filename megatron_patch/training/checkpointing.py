@@ -26,6 +26,15 @@ A checkpoint of another layout (TP/PP/VP/first-stage split, DO on/off; MP_RESUME
 resumes too: weights through the checkpoint reader, Adam's state through
 optimizer_reshard.py; the RNG state then stays this run's (its model-parallel streams belong
 to ranks that no longer exist -- Megatron-LM drops it after a TP/PP change as well).
+
+With OPTIMIZER_OFFLOAD the distributed optimizer's inner optimizer is megatron-core's
+HybridDeviceOptimizer: Adam's state lives in its sub-optimizers (host and device), keyed by
+their own copies of the parameters. It saves in the same files and format (so a run may
+resume with the switch on or off), its parameter groups without the optimizer classes
+megatron-core keeps in them (a checkpoint holds tensors and plain values only). Loading goes
+through the model-space route of optimizer_reshard.py, which copies into the live tensors
+in place: megatron-core's own load path replaces them (and first takes a step with random
+gradients to create them), which leaves the host copies stale.
 """
 from __future__ import annotations
 
@@ -86,6 +95,12 @@ def _is_distributed(opt) -> bool:
     return isinstance(opt, DistributedOptimizer)
 
 
+def _is_hybrid(opt) -> bool:
+    """OPTIMIZER_OFFLOAD: the distributed optimizer steps through HybridDeviceOptimizer."""
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+    return isinstance(getattr(opt, "optimizer", None), HybridDeviceOptimizer)
+
+
 def _adam_step(opt) -> Optional[float]:
     """The torch Adam step count of one megatron optimizer (None before the first step)."""
     steps = {float(s["step"]) for s in opt.optimizer.state.values() if "step" in s}
@@ -101,13 +116,23 @@ def _materialize_adam_state(opt) -> None:
     Adam would create itself, so later updates are unchanged; the distributed optimizer
     cannot save or load its parameter state without it."""
     inner = opt.optimizer
-    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-        return
-    for group in inner.param_groups:
+    if _is_hybrid(opt):  # the state lives in the sub-optimizers; the hybrid one mirrors it
+        for sub in inner.sub_optimizers:
+            _zero_adam_state(sub)
+        inner._sync_sub_optimizers_state_to_hdo()
+    elif isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        _zero_adam_state(inner)
+
+
+def _zero_adam_state(adam) -> None:
+    for group in adam.param_groups:
+        # fused/capturable Adam keeps its step next to the parameter, the others on the host
+        on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
-            if not inner.state.get(p):
-                inner.state[p] = {
-                    "step": torch.tensor(0.0, dtype=torch.float32),
+            if not adam.state.get(p):
+                adam.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32,
+                                         device=p.device if on_device else "cpu"),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
@@ -122,8 +147,20 @@ def optimizer_state_dict(optimizer) -> dict:
             # successful step) and its parameter-state gather needs exp_avg/exp_avg_sq
             _materialize_adam_state(opt)
         steps.append(_adam_step(opt))
-        out.append(opt.state_dict())
+        sd = opt.state_dict()
+        if _is_hybrid(opt):
+            _drop_classes(sd)
+        out.append(sd)
     return {"optimizers": out, "adam_steps": steps}
+
+
+def _drop_classes(state_dict: dict) -> None:
+    """HybridDeviceOptimizer keeps its optimizer classes in every parameter group (its
+    constructor defaults): not checkpoint material, and a class makes the file unloadable
+    with weights_only. They come from the run's configuration on resume."""
+    for group in state_dict.get("optimizer", {}).get("param_groups", []):
+        for key in [k for k, v in group.items() if isinstance(v, type)]:
+            del group[key]
 
 
 @torch.no_grad()  # main params may be views of the model's leaf params (fp32 + DO)
@@ -347,7 +384,8 @@ def load_resume_state(run, found) -> tuple:
     by ``restore_training_state`` once it exists)."""
     ckpt_lib.load_model_shards(found.root, run.chunks, arch=run.arch,
                                iteration=found.iteration)
-    if _saved_layout(found) == _run_layout(run.cfg):
+    # the offloaded optimizer loads through the model-space route (module docstring)
+    if _saved_layout(found) == _run_layout(run.cfg) and run.cfg.optim.offload == "false":
         f = found.file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
         return ckpt_lib.load_rank_file(f, mmap=False), f
     # another layout: counters, scheduler and Adam's step are the same in every rank file

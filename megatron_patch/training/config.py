@@ -54,7 +54,10 @@ class OptimizerConfig:
     train_iters: int = 1              # TRAIN_TOKENS_OR_ITERS (pretraining: tokens / (GBS x SEQ_LEN))
     warmup_iters: int = 0             # WARMUP_TOKENS_OR_ITERS, same units
     distributed_optimizer: bool = False  # DO: shard optimizer state over data-parallel ranks
-    offload: str = "false"            # OPTIMIZER_OFFLOAD: false | static | auto
+    offload: str = "false"            # OPTIMIZER_OFFLOAD: false | static | auto (DO forced on)
+    # MP_OFFLOAD_FRACTION: share of the Adam state stepped on the host with static (None:
+    # 1.0); auto plans it at start-up from the device's free memory
+    offload_fraction: Optional[float] = None
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
@@ -68,8 +71,11 @@ class OptimizerConfig:
 
 @dataclass
 class MemoryConfig:
-    recompute: Optional[str] = None   # AC: sel | full | offload | None (false)
-    recompute_num_layers: int = 1     # MP_AC_LAYERS: layers AC=full/offload applies to
+    # AC: sel | full | offload (activations to host memory) | None (false)
+    recompute: Optional[str] = None
+    # MP_AC_LAYERS: AC=full recomputes in groups of this many layers; AC=offload offloads the
+    # first this many layers of every pipeline stage (virtual stage)
+    recompute_num_layers: int = 1
 
 
 @dataclass

@@ -26,6 +26,7 @@ class Run:
     skipped_iters: int = 0
     nan_iters: int = 0
     flops: float = 0.0
+    activation_offload: object = None   # AC=offload with torch hooks: their byte counters
     history: list = field(default_factory=list)   # per-iteration metrics (this process)
     evals: list = field(default_factory=list)
 
@@ -75,13 +76,13 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     from megatron_patch import parallel
     from megatron_patch.backends import active_backend
     from megatron_patch.models.llama.config import ParallelSettings, transformer_config
-    from megatron_patch.training import checkpointing
+    from megatron_patch.training import checkpointing, offload
     from megatron_patch.training.model_setup import build_model_chunks, build_optimizer
 
     par = cfg.parallel
     arch = model_arch(cfg)
     dp = check_model_shape(cfg, arch, world_size=dist.get_world_size())
-    check_batches(cfg, dp)
+    num_microbatches = check_batches(cfg, dp)
     parallel.initialize_model_parallel(tp=par.tp, pp=par.pp, cp=par.cp, vp=par.vp,
                                        seed=cfg.seed)
     destroy_num_microbatches_calculator()
@@ -95,16 +96,20 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     overrides.update(backend.training_overrides(cfg.model.flash_attn, precision))
     if precision == "fp8":  # the backend set the fp8 recipe; parameters are bf16
         precision = "bf16"
+    te_offload = offload.te_activation_offload(cfg, arch, backend)  # {}: torch hooks do it
+    overrides.update(te_offload)
     tconfig = transformer_config(
         arch, ParallelSettings(tp=par.tp, pp=par.pp, cp=par.cp,
                                sequence_parallel=par.sequence_parallel, vp=par.vp,
                                pp0_layers=par.pp0_layers),
-        precision, recompute=cfg.memory.recompute,
+        precision, recompute=offload.recompute_mode(cfg),
         recompute_num_layers=cfg.memory.recompute_num_layers, **overrides)
     chunks = build_model_chunks(arch, tconfig,
                                 use_distributed_optimizer=cfg.optim.distributed_optimizer)
     if fp8 is not None:
         _prepare_fp8(fp8, chunks, log)
+    activation_offload = offload.attach_activation_offload(cfg, chunks, backend,
+                                                           bool(te_offload), log)
 
     # weights: resume from this run's own latest checkpoint (else MP_RESUME_FROM's), else
     # the pretrained one
@@ -122,7 +127,10 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
         log("training from scratch (PRETRAIN_CHECKPOINT_PATH=none)")
 
     # the optimizer copies main params from the (loaded) model params
-    optimizer = build_optimizer(chunks, tconfig, **_optimizer_config_kwargs(cfg))
+    fraction = offload.optimizer_offload_fraction(cfg, arch, chunks, backend, dp,
+                                                  num_microbatches, log=log)
+    optimizer = build_optimizer(chunks, tconfig, offload_fraction=fraction,
+                                **_optimizer_config_kwargs(cfg))
     gbs, o = cfg.data.global_batch_size, cfg.optim
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
@@ -134,7 +142,8 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     tconfig.grad_scale_func = optimizer.scale_loss
     no_sync = [c.no_sync for c in chunks]
     tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    run = Run(cfg, arch, chunks, optimizer, scheduler, tconfig)
+    run = Run(cfg, arch, chunks, optimizer, scheduler, tconfig,
+              activation_offload=activation_offload)
     if resume is not None:
         state, rank_file = resume
         checkpointing.restore_training_state(run, state, rank_file)
