@@ -6,6 +6,8 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
+from megatron_patch.training import packed_seq
+
 
 def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Mean per-token loss over tokens where loss_mask is 1 (megatron's loss_func shape).
@@ -22,27 +24,21 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, {"lm loss": reported}
 
 
-def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] sample index per position -> [b, 1, s, s] bool, True = masked (megatron's
-    convention): causal and only within the same packed sample."""
-    s = segment_ids.shape[-1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    return ~(same & causal).unsqueeze(1)
-
-
 def forward_step(data_iterator, model):
-    """One micro-batch. Batches are dicts: tokens, labels, loss_mask, position_ids [b, s]."""
+    """One micro-batch. Batches are dicts: tokens, labels, loss_mask, position_ids [b, s]
+    (packed SFT: also cu_seqlens/max_seqlen, run as one THD sequence)."""
     batch = next(data_iterator) if data_iterator is not None else None
     dev = next(model.parameters()).device
-    attention_mask = None
+    packed_seq_params = None
     if batch is None:  # middle pipeline stages get activations from p2p, not data
         tokens = position_ids = labels = loss_mask = None
     else:
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        if "cu_seqlens" in batch:
+            batch, packed_seq_params = packed_seq.to_thd(dict(batch), dev)
+        else:
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         tokens, labels = batch["tokens"], batch["labels"]
         loss_mask, position_ids = batch["loss_mask"], batch["position_ids"]
-        if "segment_ids" in batch:
-            attention_mask = packed_attention_mask(batch["segment_ids"])
-    output = model(tokens, position_ids, attention_mask, labels=labels)
+    output = model(tokens, position_ids, None, labels=labels,
+                   packed_seq_params=packed_seq_params)
     return output, partial(masked_lm_loss, loss_mask)

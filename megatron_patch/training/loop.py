@@ -81,6 +81,12 @@ def _broadcast_from_last_stage(value: Optional[torch.Tensor]) -> float:
     return float(t.item())
 
 
+def _schedule_shape(cfg: TrainConfig, seq_len: int):
+    from megatron_patch.training.packed_seq import schedule_shape
+    return schedule_shape(cfg.data.sft and cfg.data.sft_packing, seq_len,
+                          cfg.data.micro_batch_size)
+
+
 def train_step(run: Run, data_iterator, seq_len: int):
     from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -89,10 +95,11 @@ def train_step(run: Run, data_iterator, seq_len: int):
     for c in run.chunks:
         c.zero_grad_buffer()
     run.optimizer.zero_grad()
+    seq_length, mbs = _schedule_shape(run.cfg, seq_len)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data_iterator, model=run.chunks,
-        num_microbatches=get_num_microbatches(), seq_length=seq_len,
-        micro_batch_size=run.cfg.data.micro_batch_size, forward_only=False)
+        num_microbatches=get_num_microbatches(), seq_length=seq_length,
+        micro_batch_size=mbs, forward_only=False)
     loss = _broadcast_from_last_stage(_reported_loss(losses))
     updated, grad_norm, nan_grad = optimizer_step(run.optimizer, run.cfg.optim.clip_grad)
     if updated:
@@ -119,12 +126,13 @@ def evaluate(run: Run, valid, to_sample, seq_len: int) -> Optional[float]:
     for c in run.chunks:
         c.eval()
     values = []
+    seq_length, mbs = _schedule_shape(cfg, seq_len)
     with torch.no_grad():
         for _ in range(cfg.eval_iters):
             losses = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=data, model=run.chunks,
-                num_microbatches=get_num_microbatches(), seq_length=seq_len,
-                micro_batch_size=cfg.data.micro_batch_size, forward_only=True)
+                num_microbatches=get_num_microbatches(), seq_length=seq_length,
+                micro_batch_size=mbs, forward_only=True)
             values.append(_broadcast_from_last_stage(_reported_loss(losses)))
     for c in run.chunks:
         c.train()
