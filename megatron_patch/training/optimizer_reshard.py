@@ -203,11 +203,6 @@ def apply_model_space(optimizer, chunks, states: dict, materialize) -> None:
                             live = opt._get_main_param_and_optimizer_states(model_param)
                             for k in KEYS:
                                 live[k].copy_(full(k, model_param).reshape(-1)[r.start:r.end])
-                            # OPTIMIZER_OFFLOAD with fp32 weights: the host optimizer steps
-                            # its own copy of the main weight
-                            copy = live.get("master_param")
-                            if copy is not None and copy is not live["param"]:
-                                copy.copy_(live["param"])
         else:
             to_model = _main_to_model(opt)
             for group in opt.optimizer.param_groups:
