@@ -17,8 +17,8 @@
 #      rank), one torchrun per node, processes per node from MP_NPROC, else
 #      KUBERNETES_CONTAINER_RESOURCE_GPU, else the visible devices; a node waits up to
 #      MP_RDZV_TIMEOUT seconds (600) for the others, then stops with one line.
-# Env knobs: MP_DATASET_TYPE=idxmap|raw (SFT data), MP_AC_LAYERS (AC=full layers, default 1),
-#      MP_VP (virtual pipeline stages), MP_PP0_LAYERS (layers on the first pipeline stage),
+# Env knobs: MP_DATASET_TYPE=idxmap|raw (SFT data), MP_AC_LAYERS (AC=full|offload layers,
+#      default 1), MP_OFFLOAD_FRACTION (OPTIMIZER_OFFLOAD=static, default 1.0), MP_VP (virtual pipeline stages), MP_PP0_LAYERS (layers on the first pipeline stage),
 #      MP_SFT_PACKING=true|false, MP_TOKENIZER (HF tokenizer dir for SFT when none sits next
 #      to the checkpoint), MP_EVAL_INTERVAL (10000), MP_EVAL_ITERS (10), MP_DATA_SPLIT
 #      (99,1,0), MP_SEED (1234), MP_NPROC, MP_MASTER_PORT (dsw; default a free port),

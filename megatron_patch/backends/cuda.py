@@ -57,6 +57,10 @@ class CudaBackend(Backend):
     def available(cls) -> bool:
         return torch.cuda.is_available()
 
+    def register_patches(self) -> None:
+        from . import offload_fixes
+        offload_fixes.register(self.registry)  # OPTIMIZER_OFFLOAD (docs/memory.md)
+
     @classmethod
     def unavailable_reason(cls) -> str:
         return ("MEGATRON_PATCH_BACKEND=cuda but torch.cuda.is_available() is False "
