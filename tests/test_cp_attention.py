@@ -1,16 +1,15 @@
-"""Context-parallel core attention against full-sequence attention computed in float64 by
-torch's SDPA (an independent reference): outputs and q/k/v gradients at CP=2 and CP=4 in 4
-gloo processes, GQA, both kernel paths; the layout is megatron's (rank r holds chunks r and
-2*CP-1-r), and a rank whose two chunks are swapped, or K/V put back in the wrong order, is
-caught. Single-process: the CPU kernel path equals masked SDPA and keeps no O(S^2) tensor
-for the backward."""
+"""Context-parallel core attention against attention computed in float64 by torch's SDPA
+(an independent reference).
+
+Here, single-process: the CPU kernel path (and the SDPA-bias path) equals masked SDPA and
+keeps no O(S^2) tensor for the backward; Transformer Engine gets MP_CP_COMM_TYPE.
+``attention_checks`` runs in the 4 gloo processes of tests/test_cp_training.py (CP=2 and
+CP=4 against full-sequence attention, wrong chunk orders caught); the tests judging it
+are there."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
-
-from mp_utils import run_distributed
 
 S, B, NP, NG, D = 48, 2, 4, 2, 16   # S divisible by 2*CP for CP = 2, 4 (and 3 chunks/rank)
 
@@ -43,7 +42,7 @@ def _rank_positions(cp: int, r: int, swap: bool = False) -> torch.Tensor:
 
 
 def _rel(a, b) -> float:
-    return float((a.double() - b).abs().max() / b.abs().max())
+    return float((a.detach().double() - b).abs().max() / b.abs().max())
 
 
 def _run_cp(attn, q, k, v, grad_out, idx):
@@ -53,20 +52,14 @@ def _run_cp(attn, q, k, v, grad_out, idx):
     return out.detach(), (dq, dk, dv)
 
 
-def _worker(rank, world):
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    from llama_fixtures import small_arch
-    from megatron_patch import parallel
-    from megatron_patch.models.llama.config import ParallelSettings, transformer_config
+def attention_checks() -> dict:
+    """Run in each of 4 gloo processes (the world of tests/test_cp_training.py, which shares
+    its start-up): for CP=4 and CP=2, this rank's output and q/k/v gradients against the
+    float64 reference on both kernel paths, the negative controls, and the shapes the
+    all-gather was given. Returns relative errors; the tests judge them."""
     from megatron_patch.transformer import cp_attention as cpa
-
     q, k, v, grad_out = _full_inputs()
-    ref_out, ref_grads = _reference(q, k, v, grad_out)
-    arch = small_arch()  # 4 heads, 2 KV heads, head dim 16
-    res = {}
+    ref = _reference(q, k, v, grad_out)
     gathered = []
     real_gather = cpa.gather_from_sequence_parallel_region
 
@@ -74,74 +67,53 @@ def _worker(rank, world):
         gathered.append(tuple(x.shape))
         return real_gather(x, *a, **kw)
     cpa.gather_from_sequence_parallel_region = spy_gather
-    for cp in (4, 2):
-        parallel.initialize_model_parallel(cp=cp)
-        r = ps.get_context_parallel_rank()
-        cfg = transformer_config(arch, ParallelSettings(cp=cp))
-        attn = cpa.ContextParallelAttention(cfg, 1, AttnMaskType.causal, "self")
-        idx = _rank_positions(cp, r)
-        # the data path splits batches the same way (megatron's utility)
-        split = get_batch_on_this_cp_rank({"tokens": torch.arange(S)[None]})["tokens"][0]
-        out = {"split_matches": torch.equal(split, idx)}
-        got, grads = _run_cp(attn, q, k, v, grad_out, idx)
-        out["cpu"] = [_rel(got, ref_out[idx])] + [_rel(g, rg[idx])
-                                                  for g, rg in zip(grads, ref_grads)]
-        # the kernel path CUDA takes (SDPA's causal_lower_right bias), here on the CPU
-        real = cpa.prefix_causal_attention
-        cpa.prefix_causal_attention = lambda q_, k_, v_, p, s: cpa.lower_right_sdpa(q_, k_, v_, s)
-        try:
-            got, grads = _run_cp(attn, q, k, v, grad_out, idx)
-        finally:
-            cpa.prefix_causal_attention = real
-        out["sdpa_bias"] = [_rel(got, ref_out[idx])] + [_rel(g, rg[idx])
-                                                        for g, rg in zip(grads, ref_grads)]
-        # negative controls: this rank's chunks swapped; K/V chunks left in gather order
-        got, _ = _run_cp(attn, q, k, v, grad_out, _rank_positions(cp, r, swap=True))
-        out["swapped"] = _rel(got, ref_out[idx])
-        real_order = cpa.chunk_order
-        cpa.chunk_order = lambda n: list(range(2 * n))
-        try:
-            got, _ = _run_cp(attn, q, k, v, grad_out, idx)
-        finally:
-            cpa.chunk_order = real_order
-        out["gather_order"] = _rel(got, ref_out[idx])
-        res[cp] = out
+    try:
+        res = {cp: _check_cp_size(cp, (q, k, v, grad_out), ref) for cp in (4, 2)}
+    finally:
+        cpa.gather_from_sequence_parallel_region = real_gather
     res["gathered"] = gathered
     return res
 
 
-@pytest.fixture(scope="module")
-def results():
-    return run_distributed(_worker, 4, timeout=300)
+def _check_cp_size(cp: int, inputs, ref) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.utils import get_batch_on_this_cp_rank
 
+    from megatron_patch import parallel
+    from megatron_patch.models.llama import LlamaArch
+    from megatron_patch.models.llama.config import ParallelSettings, transformer_config
+    from megatron_patch.transformer import cp_attention as cpa
+    ref_out, ref_grads = ref
+    parallel.initialize_model_parallel(cp=cp)
+    r = ps.get_context_parallel_rank()
+    arch = LlamaArch(hidden_size=NP * D, num_layers=1, num_attention_heads=NP,
+                     num_key_value_heads=NG, ffn_hidden_size=128, vocab_size=128,
+                     max_position_embeddings=S, rope_theta=10000.0, norm_eps=1e-5)
+    attn = cpa.ContextParallelAttention(transformer_config(arch, ParallelSettings(cp=cp)), 1,
+                                        AttnMaskType.causal, "self")
+    idx = _rank_positions(cp, r)
 
-@pytest.mark.slow
-@pytest.mark.parametrize("cp", [2, 4])
-def test_cp_attention_equals_full_sequence(results, cp):
-    for r in results:
-        res = r[cp]
-        assert res["split_matches"]
-        for path in ("cpu", "sdpa_bias"):
-            out_err, dq_err, dk_err, dv_err = res[path]
-            assert max(out_err, dq_err, dk_err, dv_err) < 1e-5, (cp, path, res[path])
+    def errors(positions):
+        out, grads = _run_cp(attn, *inputs, positions)
+        return [_rel(out, ref_out[idx])] + [_rel(g, rg[idx]) for g, rg in zip(grads, ref_grads)]
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("cp", [2, 4])
-def test_wrong_chunk_order_is_caught(results, cp):
-    """The comparison is sensitive to the layout: swapping a rank's two chunks, or not
-    putting the gathered K/V back into sequence order, gives clearly different outputs
-    (on every rank: each rank's late chunk sees a wrong set of earlier tokens)."""
-    for r in results:
-        assert r[cp]["swapped"] > 1e-2 and r[cp]["gather_order"] > 1e-2, r[cp]
-
-
-@pytest.mark.slow
-def test_gqa_gathers_kv_heads_not_query_heads(results):
-    """One all-gather per call, of K and V with their NG heads (2*NG), never NP heads."""
-    for r in results:
-        assert r["gathered"] and all(shape[2] == 2 * NG for shape in r["gathered"]), \
-            r["gathered"]
+    # the data path splits batches the same way (megatron's utility)
+    split = get_batch_on_this_cp_rank({"tokens": torch.arange(S)[None]})["tokens"][0]
+    res = {"split_matches": torch.equal(split, idx), "cpu": errors(idx)}
+    real_attend, real_order = cpa.prefix_causal_attention, cpa.chunk_order
+    try:
+        # the kernel path CUDA takes (SDPA's causal_lower_right bias), here on the CPU
+        cpa.prefix_causal_attention = lambda q, k, v, p, s: cpa.lower_right_sdpa(q, k, v, s)
+        res["sdpa_bias"] = errors(idx)
+        cpa.prefix_causal_attention = real_attend
+        # negative controls: this rank's two chunks swapped; K/V left in gather order
+        res["swapped"] = errors(_rank_positions(cp, r, swap=True))[0]
+        cpa.chunk_order = lambda n: list(range(2 * n))
+        res["gather_order"] = errors(idx)[0]
+    finally:
+        cpa.prefix_causal_attention, cpa.chunk_order = real_attend, real_order
+    return res
 
 
 def test_cpu_prefix_kernel_equals_masked_sdpa():
@@ -186,3 +158,13 @@ def test_cpu_prefix_kernel_keeps_no_mask_for_backward():
     mask_bytes = c * (prefix + c) * 4
     inputs = sum(t.numel() * 4 for t in (q, k, v))
     assert sum(storages.values()) < inputs + mask_bytes // 4, (storages, mask_bytes)
+
+
+def test_te_gets_cp_comm_type(monkeypatch):
+    """Where Transformer Engine imports on CUDA, its attention runs CP with the launcher's
+    MP_CP_COMM_TYPE (TE itself is not installed here: only the wiring is checked)."""
+    from megatron_patch.backends import cuda
+    monkeypatch.setattr(cuda, "te_available", lambda: True)
+    backend = cuda.CudaBackend()
+    assert backend.training_overrides(True, "bf16", "a2a")["cp_comm_type"] == "a2a"
+    assert "cp_comm_type" not in backend.training_overrides(True, "bf16")

@@ -1,6 +1,8 @@
 """What every device backend provides."""
 from __future__ import annotations
 
+from typing import Optional
+
 from .registry import PatchRegistry
 
 
@@ -41,10 +43,13 @@ class Backend:
         from megatron_patch.backends.layer_specs import local_block_spec
         return local_block_spec(config, vp_stage)
 
-    def training_overrides(self, flash_attn: bool, precision: str) -> dict:
+    def training_overrides(self, flash_attn: bool, precision: str,
+                           cp_comm_type: Optional[str] = None) -> dict:
         """TransformerConfig fields this backend sets for a training run: kernel choices
-        (FL) and the fp8 recipe (PR=fp8). fp8 needs Transformer Engine: without it
-        megatron-core's fp8 context is a silent no-op, so refuse rather than run in bf16."""
+        (FL), Transformer Engine's context-parallel communication (``cp_comm_type``; our
+        own CP attention all-gathers K/V and ignores it) and the fp8 recipe (PR=fp8). fp8
+        needs Transformer Engine: without it megatron-core's fp8 context is a silent no-op,
+        so refuse rather than run in bf16."""
         if precision != "fp8":
             return {}
         from megatron_patch.backends.cuda import te_available

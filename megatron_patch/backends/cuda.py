@@ -2,6 +2,8 @@
 megatron-core's local spec with SDPA core attention (flash/cuDNN kernels, no apex)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .base import Backend
@@ -41,9 +43,14 @@ class CudaBackend(Backend):
             return layer_specs.te_block_spec(config, vp_stage)
         return layer_specs.local_block_spec(config, vp_stage)
 
-    def training_overrides(self, flash_attn: bool, precision: str) -> dict:
-        overrides = super().training_overrides(flash_attn, precision)
+    def training_overrides(self, flash_attn: bool, precision: str,
+                           cp_comm_type: Optional[str] = None) -> dict:
+        overrides = super().training_overrides(flash_attn, precision, cp_comm_type)
         if te_available():
+            # CP>1: TE's attention runs context parallelism itself (p2p: ring exchange of
+            # K/V overlapped with compute; all_gather; a2a: heads all-to-all)
+            if cp_comm_type:
+                overrides["cp_comm_type"] = cp_comm_type
             # FL: Transformer Engine's flash attention (true) or its cuDNN fused attention
             # (false), like Pai's NVTE_FLASH_ATTN/NVTE_FUSED_ATTN switch. Without TE the SDPA
             # core attention is used (flash kernels on CUDA when available).
