@@ -136,7 +136,6 @@ class ContextParallelAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.num_heads = divide(config.num_attention_heads, tp)
-        self.num_groups = divide(config.num_query_groups or config.num_attention_heads, tp)
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
 
@@ -159,7 +158,8 @@ class ContextParallelAttention(MegatronModule):
         order = torch.tensor(chunk_order(cp), device=kv.device)
         kv = kv.view(2 * cp, c, *kv.shape[1:]).index_select(0, order).flatten(0, 1)
         kv = kv.permute(1, 2, 0, 3)  # [b, 2*ng, S, hn], sequence order
-        k_all, v_all = kv[:, :self.num_groups], kv[:, self.num_groups:]
+        ng = key.shape[2]
+        k_all, v_all = kv[:, :ng], kv[:, ng:]
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         outs = []
         for half, chunk in enumerate((r, 2 * cp - 1 - r)):
