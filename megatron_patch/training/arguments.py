@@ -229,9 +229,17 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
         # the trainer's backend checks the rest (GPU generation; TE vs torchao; never bf16)
         raise ConfigError("PR='fp8' needs Transformer Engine or torchao and neither is "
                           "installed (pip install 'torchao==0.18.*'); use bf16")
-    if cp > 1:
-        raise ConfigError(f"CP={cp} is not supported on this backend yet: context parallelism "
-                          "needs Transformer Engine attention; use CP=1")
+    cp_comm = env.get("MP_CP_COMM_TYPE", "") or "p2p"
+    _choice("MP_CP_COMM_TYPE", cp_comm, ("p2p", "all_gather", "a2a"))
+    if cp > 1 and sft and packing:
+        raise ConfigError(f"MP_SFT_PACKING='true' is not supported with CP={cp}: a packed row's "
+                          "block-diagonal mask cannot be split over context-parallel ranks; "
+                          "use MP_SFT_PACKING=false or CP=1")
+    if cp > 1 and env.get("MP_CP_COMM_TYPE") and not _importable("transformer_engine"):
+        notes.append(f"MP_CP_COMM_TYPE={cp_comm} applies to Transformer Engine's attention "
+                     "(not installed): K/V are all-gathered over the CP group")
+    elif cp == 1 and env.get("MP_CP_COMM_TYPE"):
+        notes.append("MP_CP_COMM_TYPE applies to CP > 1 only")
     if ac == "offload":
         raise ConfigError("AC='offload' is not supported on this backend yet (activation "
                           "offloading needs Transformer Engine); allowed: sel|full|false")
@@ -311,8 +319,8 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     cfg = TrainConfig(
         env=env_name,
         model=ModelConfig(generation=generation, size=size, flash_attn=fl),
-        parallel=ParallelConfig(tp=tp, pp=pp, cp=cp, sequence_parallel=sp, vp=vp,
-                                pp0_layers=pp0),
+        parallel=ParallelConfig(tp=tp, pp=pp, cp=cp, cp_comm_type=cp_comm,
+                                sequence_parallel=sp, vp=vp, pp0_layers=pp0),
         precision=PrecisionConfig(dtype=pr),
         optim=OptimizerConfig(lr=lr, min_lr=min_lr, train_iters=train_iters,
                               warmup_iters=warmup_iters, distributed_optimizer=do,

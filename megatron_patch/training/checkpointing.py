@@ -220,7 +220,9 @@ def save_checkpoint(run, iteration: int) -> str:
     dist.barrier()
     staging = ckpt_lib.staging_dir(root, iteration)
     rank_file = _rank_file(staging)
-    dp_rank = ps.get_data_parallel_rank()
+    # one writer per (TP, PP) rank: context-parallel ranks hold the same parameters and
+    # optimizer state (CP does not change the checkpoint layout)
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     if dp_rank == 0:
         os.makedirs(os.path.dirname(rank_file), exist_ok=True)
     # RNG state of every DP rank (Megatron-LM keeps a list indexed by DP rank)

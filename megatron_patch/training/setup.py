@@ -91,8 +91,12 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     precision = cfg.precision.dtype
     backend = active_backend()
     fp8 = _fp8_path(backend) if precision == "fp8" else None
-    overrides = {"init_method_std": cfg.model.init_method_std}
-    overrides.update(backend.training_overrides(cfg.model.flash_attn, precision))
+    # the loss is the mean over every loss token of the global batch (DP x CP), whatever
+    # the layout (forward_step.masked_lm_loss)
+    overrides = {"init_method_std": cfg.model.init_method_std,
+                 "calculate_per_token_loss": True}
+    overrides.update(backend.training_overrides(
+        cfg.model.flash_attn, precision, cp_comm_type=par.cp_comm_type if par.cp > 1 else None))
     if precision == "fp8":  # the backend set the fp8 recipe; parameters are bf16
         precision = "bf16"
     tconfig = transformer_config(
