@@ -21,7 +21,7 @@ from megatron_patch.models.llama.parallel_layout import check_layout
 from megatron_patch.models.llama.arch import LlamaArch
 
 from .layout import CheckpointDir, Iteration, find_checkpoint
-from .torch_file import LazyTensor, LazyTorchFile, materialize
+from .torch_file import LazyTensor, LazyTorchFile, materialize, rows_of
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -184,6 +184,25 @@ def read_full_tensor(source: StateSource, layout: SavedLayout, rule, layer, arch
     """The whole (unsharded) megatron tensor of ``rule`` (at global ``layer``)."""
     shards = [materialize(x) for x in source_shards(source, layout, rule, layer, arch)]
     return merge_full(rule, shards, arch)
+
+
+def read_full_rows(source: StateSource, layout: SavedLayout, rule, layer, arch, start: int,
+                   stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the whole megatron tensor of ``rule``, reading only those rows
+    when the TP shards are plain row blocks (the vocabulary tensors: embedding, output)."""
+    shards = source_shards(source, layout, rule, layer, arch)
+    if rule.tp_dim not in (0, None) or rule.kind in ("qkv", "gate_up"):
+        return read_full_tensor(source, layout, rule, layer, arch)[start:stop]
+    if rule.kind == "vocab":
+        stop = min(stop, arch.vocab_size)
+    parts, offset = [], 0
+    for x in (shards if rule.tp_dim == 0 else shards[:1]):
+        n = x.shape[0]
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            parts.append(rows_of(x, lo - offset, hi - offset))
+        offset += n
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def reshard_state(source: StateSource, arch: LlamaArch, tp: int, pp: int, tp_rank: int,

@@ -14,7 +14,9 @@ a mg2hf check-only run, reference weights) of the HF model.
 Environment: MP_OVERWRITE=1 replaces a non-empty TARGET (only after the new one is complete);
 MP_PP0_LAYERS=N puts N layers on the first pipeline stage; MP_HF_SHARD_SIZE (bytes, or with
 K/M/G suffix, default 4G) bounds HF shard files; MP_CHECK_LONG=0 skips the long llama3-rope
-sequence in CHECK; TQDM_DISABLE=1 hides the progress bar.
+sequence in CHECK; MP_CHECK_LAYERS=0,15,31 checks only those decoder layers, each fed the
+embedding output (faster; default: every layer, chained); TQDM_DISABLE=1 hides the progress
+bar.
 
 Exit codes: 0 done, 1 CHECK failed, 2 bad input (one line on stderr, TARGET untouched).
 """
@@ -47,6 +49,7 @@ class Request:
     pp0_layers: Optional[int] = None
     overwrite: bool = False
     shard_bytes: int = 4 * 2**30
+    check_layers: Optional[list] = None  # None: every layer, chained
 
 
 def _bool(name, v):
@@ -95,6 +98,13 @@ def parse(argv) -> Request:
         if not pp0.isdigit():
             raise UsageError(f"MP_PP0_LAYERS={pp0!r}: must be a number of layers")
         req.pp0_layers = int(pp0)
+    layers = os.environ.get("MP_CHECK_LAYERS", "").strip()
+    if layers and layers != "all":
+        items = layers.split(",")
+        if not all(i.strip().isdigit() for i in items):
+            raise UsageError(f"MP_CHECK_LAYERS={layers!r}: all, or layer numbers separated by "
+                             f"commas (e.g. 0,15,31)")
+        req.check_layers = sorted({int(i) for i in items})
     req.overwrite = os.environ.get("MP_OVERWRITE", "0") == "1"
     if os.environ.get("MP_HF_SHARD_SIZE"):
         req.shard_bytes = _size(os.environ["MP_HF_SHARD_SIZE"])

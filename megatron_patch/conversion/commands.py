@@ -12,10 +12,8 @@ from typing import Optional
 
 import torch
 
-from megatron_patch.checkpoint import (begin_save, commit_save, find_checkpoint,
-                                       load_model_state, make_args)
-from megatron_patch.checkpoint.load import (FileSource, MemorySource, checkpoint_arch,
-                                            reshard_state)
+from megatron_patch.checkpoint import begin_save, commit_save, find_checkpoint, make_args
+from megatron_patch.checkpoint.load import FileSource, checkpoint_arch
 from megatron_patch.models.llama import mapping
 from megatron_patch.models.llama.arch import LlamaArch
 from megatron_patch.models.llama.parallel_layout import LayoutError, check_layout
@@ -23,10 +21,11 @@ from megatron_patch.models.llama.resolve import (ArchError, arch_differences, re
                                                  resolve_arch)
 
 from .errors import UsageError
-from .hf2mcore import FileSink, MemorySink, hf_to_mcore, validate_hf
+from .hf2mcore import FileSink, hf_to_mcore, validate_hf
 from .hf_files import HFCheckpoint, SafetensorsStreamWriter, copy_side_files
-from .mcore2hf import MemoryHFWriter, mcore_to_hf
+from .mcore2hf import mcore_to_hf
 from .target import check_target, make_staging, publish
+from .weights import HFAsMcore, McoreAsHF, SourceWeights
 
 # (not models.llama.config.DTYPES: that module imports megatron-core, which a conversion
 # without CHECK does not need)
@@ -44,11 +43,16 @@ def _layout_checks(arch, tp: int, pp: int, pp0) -> None:
         raise UsageError(str(e)) from None
 
 
-def _run_check(hf_model, state, arch, precision, tokenizer_dir) -> bool:
-    from . import check  # imports transformers: only when checking
-    model = check.build_mcore(arch, state, precision)
-    result = check.parity(hf_model, model, arch, precision, tokenizer_dir)
-    print(result.table(), flush=True)
+def _run_check(ref, test, arch, req, tokenizer_dir) -> bool:
+    """The streamed per-point table (stream_check): ``ref`` HF side, ``test`` megatron side."""
+    from .stream_check import stream_parity  # imports transformers: only when checking
+    if req.check_layers is not None:
+        bad = [i for i in req.check_layers if i >= arch.num_layers]
+        if bad:
+            raise UsageError(f"MP_CHECK_LAYERS: layer {bad[0]} does not exist (the model has "
+                             f"{arch.num_layers} layers, 0-{arch.num_layers - 1})")
+    result = stream_parity(ref, test, arch, req.precision, tokenizer_dir, req.check_layers,
+                           emit=lambda line: print(line, flush=True))
     return result.ok
 
 
@@ -91,18 +95,8 @@ def run_hf2mcore(req) -> int:
 def _hf2mcore(req, arch, hf) -> int:
     src, dtype, t0 = req.source, DTYPES[req.precision], time.time()
 
-    def reference_model():
-        from . import check
-        if os.path.isfile(os.path.join(src, "config.json")):
-            return check.hf_from_dir(src, req.precision)
-        names = [n for n, _ in mapping.hf_tensor_plan(arch)]
-        return check.hf_from_state(arch, dict(zip(names, hf.read(names))), req.precision)
-
-    if req.check_only:  # convert in memory at TP x PP, merge back, check; write nothing
-        sink = MemorySink()
-        hf_to_mcore(hf, arch, req.tp, req.pp, dtype, sink, req.pp0_layers, _progress())
-        state = reshard_state(MemorySource(sink.states), arch, 1, 1, 0, 0)[0]
-        return 0 if _run_check(reference_model(), state, arch, req.precision, src) else 1
+    if req.check_only:  # the conversion's tensors at TP, merged back, one at a time
+        return 0 if _run_check(hf, HFAsMcore(hf, arch, req.tp, dtype), arch, req, src) else 1
 
     def write(staging):
         iter_dir = begin_save(staging, "release")
@@ -116,9 +110,12 @@ def _hf2mcore(req, arch, hf) -> int:
             _write_json(os.path.join(staging, "config.json"), _hf_config(arch, req.precision))
         copy_side_files(src, staging)
 
-    def verify(staging):  # the files just written, merged to TP=1 PP=1, against HF
-        state = load_model_state(staging, 1, 1, 0, 0, arch=arch)[0]
-        return _run_check(reference_model(), state, arch, req.precision, src)
+    def verify(staging):  # the files just written, each tensor merged from its shards
+        source = FileSource(find_checkpoint(staging))
+        try:
+            return _run_check(hf, SourceWeights(source, arch), arch, req, src)
+        finally:
+            source.close()
 
     rc = _staged(req, write, verify)
     if rc == 0:
@@ -204,15 +201,12 @@ def _mg2hf(req, ckpt, source) -> int:
     dtype, t0 = DTYPES[req.precision], time.time()
 
     if req.check_only:  # the checkpoint against HF_CKPT_PATH's weights (else its own export)
-        from . import check
-        if _has_weights(req.hf_path):
-            hf_model = check.hf_from_dir(req.hf_path, req.precision)
-        else:
-            w = MemoryHFWriter(dtype)
-            mcore_to_hf(source, arch, w, _progress())
-            hf_model = check.hf_from_state(arch, w.state, req.precision)
-        state = reshard_state(source, arch, 1, 1, 0, 0)[0]
-        return 0 if _run_check(hf_model, state, arch, req.precision, side_src) else 1
+        ref = HFCheckpoint(req.hf_path) if _has_weights(req.hf_path) else McoreAsHF(source, arch)
+        try:
+            ok = _run_check(ref, SourceWeights(source, arch), arch, req, side_src)
+        finally:
+            getattr(ref, "close", lambda: None)()
+        return 0 if ok else 1
 
     files = []
 
@@ -224,11 +218,12 @@ def _mg2hf(req, ckpt, source) -> int:
         _write_json(os.path.join(staging, "config.json"), _hf_config(arch, req.precision, side_src))
         copy_side_files(side_src, staging)
 
-    def verify(staging):  # the exported HF model against the megatron checkpoint
-        from . import check
-        state = reshard_state(source, arch, 1, 1, 0, 0)[0]
-        return _run_check(check.hf_from_dir(staging, req.precision), state, arch,
-                          req.precision, staging)
+    def verify(staging):  # the exported HF files against the megatron checkpoint
+        ref = HFCheckpoint(staging)
+        try:
+            return _run_check(ref, SourceWeights(source, arch), arch, req, staging)
+        finally:
+            ref.close()
 
     rc = _staged(req, write, verify)
     if rc == 0:

@@ -88,32 +88,6 @@ class _FileRank:
         self.writer.close(checkpoint_state([self.model], self.sink.iteration, self.sink.args))
 
 
-class MemorySink:
-    """Collects {(tp_rank, pp_rank): [state dict]} (CHECK_ONLY and tests)."""
-    byte_copy = False
-
-    def __init__(self):
-        self.states = {}
-
-    def open(self, tp_rank, pp_rank):
-        sd = self.states.setdefault((tp_rank, pp_rank), [collections.OrderedDict()])[0]
-        return _MemoryRank(sd)
-
-
-class _MemoryRank:
-    def __init__(self, sd):
-        self.sd = sd
-
-    def add(self, name, tensor):
-        self.sd[name] = tensor.clone()
-
-    def add_extra_state(self, names):
-        pass
-
-    def close(self):
-        pass
-
-
 def hf_to_mcore(hf: HFCheckpoint, arch: LlamaArch, tp: int, pp: int, dtype: torch.dtype,
                 sink, pp0_layers: Optional[int] = None, progress: bool = True,
                 byte_copy: bool = True) -> None:

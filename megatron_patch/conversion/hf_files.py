@@ -167,6 +167,16 @@ class HFCheckpoint:
                     out[n] = sd[n].clone()
         return [out[n] for n in names]
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor ``name`` (safetensors: only those rows are read)."""
+        if name not in self.files:
+            raise KeyError(f"{self.path}: tensor {name} not found")
+        if self.format == "safetensors":
+            from safetensors import safe_open
+            with safe_open(self.files[name], framework="pt", device="cpu") as f:
+                return f.get_slice(name)[start:stop]
+        return self._load_bin(self.files[name])[name][start:stop].clone()
+
 
 class SafetensorsStreamWriter:
     """Writes ``plan`` = [(name, shape)] as sharded safetensors files + index, in order.

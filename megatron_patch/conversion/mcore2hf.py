@@ -22,16 +22,6 @@ def _located(x):
     return None if loc is None else Located(loc[0], loc[1], x.dtype, tuple(x.shape))
 
 
-class MemoryHFWriter:
-    byte_copy = False
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.state = dtype, {}
-
-    def write(self, name, tensor):
-        self.state[name] = tensor.to(self.dtype).clone()
-
-
 def mcore_to_hf(source: StateSource, arch: LlamaArch, writer, progress: bool = True,
                 byte_copy: bool = True) -> None:
     """Feed every HF tensor, in ``mapping.hf_tensor_plan`` order, to ``writer.write``."""
