@@ -301,9 +301,13 @@ def hf_config(arch: LlamaArch):
 
 
 def hf_from_dir(path: str, precision: str):
+    """transformers' model as users load it: weights in ``precision``, rope buffers as
+    transformers keeps them (float32; casting the module would round them too)."""
     from transformers import LlamaForCausalLM
 
     from megatron_patch.models.llama.config import DTYPES
-    model = LlamaForCausalLM.from_pretrained(path, dtype=DTYPES[precision],
-                                             local_files_only=True)
-    return model.to(DTYPES[precision]).eval()  # transformers < 4.56 ignores dtype=
+    dtype = DTYPES[precision]
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if next(model.parameters()).dtype != dtype:  # transformers < 4.56 ignores dtype=
+        model.to(dtype)
+    return model.eval()

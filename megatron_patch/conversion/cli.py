@@ -6,8 +6,11 @@
 MODEL_SIZE: ``auto`` (every shape from config.json) or GENERATION-SIZE (``llama3_1-8B``,
 ``llama2-13B``, ``llama-65B``, ``llama3_1-tiny``...), checked against config.json.
 mg2hf=false: HF -> megatron-core at TP x PP; mg2hf=true: megatron-core (any layout, release
-or iter_N, latest complete) -> HF safetensors. CHECK=true: per-layer parity table, exit 1 on
-failure (TARGET is then not written). CHECK_ONLY=true: the check alone, nothing written.
+or iter_N, latest complete) -> HF safetensors. A SOURCE holding Meta's original files
+(params.json + consolidated.NN.pth + tokenizer.model) is converted straight to megatron-core
+(mg2hf=false) or to HF (mg2hf=true); HF_CKPT_PATH may then name an HF copy as the CHECK
+reference. CHECK=true: per-layer parity table, exit 1 on failure (TARGET is then not
+written). CHECK_ONLY=true: the check alone, nothing written.
 PR: fp32 | bf16 | fp16 (dtype written and checked). HF_CKPT_PATH: config/tokenizer (and, for
 a mg2hf check-only run, reference weights) of the HF model.
 
@@ -116,6 +119,10 @@ def main(argv=None) -> int:
     try:
         req = parse(argv)
         from .commands import run_hf2mcore, run_mg2hf
+        from .meta_files import is_meta_checkpoint
+        if os.path.isdir(req.source) and is_meta_checkpoint(req.source):
+            from .meta_commands import run_meta
+            return run_meta(req)
         return run_mg2hf(req) if req.mg2hf else run_hf2mcore(req)
     except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
         if os.environ.get("MP_DEBUG") == "1":

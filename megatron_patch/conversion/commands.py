@@ -32,18 +32,18 @@ from .weights import HFAsMcore, McoreAsHF, SourceWeights
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _progress() -> bool:
+def progress_bar() -> bool:
     return os.environ.get("TQDM_DISABLE", "") not in ("1", "true", "True")
 
 
-def _layout_checks(arch, tp: int, pp: int, pp0) -> None:
+def layout_checks(arch, tp: int, pp: int, pp0) -> None:
     try:
         check_layout(arch, tp=tp, pp=pp, pp0_layers=pp0)
     except LayoutError as e:
         raise UsageError(str(e)) from None
 
 
-def _run_check(ref, test, arch, req, tokenizer_dir) -> bool:
+def run_check(ref, test, arch, req, tokenizer_dir) -> bool:
     """The streamed per-point table (stream_check): ``ref`` HF side, ``test`` megatron side."""
     from .stream_check import stream_parity  # imports transformers: only when checking
     if req.check_layers is not None:
@@ -56,7 +56,7 @@ def _run_check(ref, test, arch, req, tokenizer_dir) -> bool:
     return result.ok
 
 
-def _staged(req, write, verify) -> int:
+def staged(req, write, verify) -> int:
     """write(staging dir); verify(staging dir) -> bool (CHECK); publish only when both pass."""
     check_target(req)
     staging = make_staging(req.target)
@@ -83,41 +83,49 @@ def run_hf2mcore(req) -> int:
         arch = resolve_arch(req.model_size, hf_config=src if has_cfg else None)
     except ArchError as e:
         raise UsageError(str(e)) from None
-    _layout_checks(arch, req.tp, req.pp, req.pp0_layers)
+    layout_checks(arch, req.tp, req.pp, req.pp0_layers)
     hf = HFCheckpoint(src)
+
+    def side_files(staging):  # config.json and the tokenizer files go along
+        cfg = os.path.join(src, "config.json")
+        if os.path.isfile(cfg):
+            shutil.copy2(cfg, os.path.join(staging, "config.json"))
+        else:
+            write_json(os.path.join(staging, "config.json"), hf_config_json(arch, req.precision))
+        copy_side_files(src, staging)
+
     try:
         validate_hf(hf, arch)
-        return _hf2mcore(req, arch, hf)
+        return hf2mcore(req, arch, hf, hf, side_files)
     finally:
         hf.close()
 
 
-def _hf2mcore(req, arch, hf) -> int:
+def hf2mcore(req, arch, reader, ref, side_files) -> int:
+    """``reader`` (HFCheckpoint's interface) -> megatron-core at TP x PP; CHECK compares the
+    result with ``ref`` (HF side); ``side_files(staging)`` adds config and tokenizer files."""
     src, dtype, t0 = req.source, DTYPES[req.precision], time.time()
 
     if req.check_only:  # the conversion's tensors at TP, merged back, one at a time
-        return 0 if _run_check(hf, HFAsMcore(hf, arch, req.tp, dtype), arch, req, src) else 1
+        test = HFAsMcore(reader, arch, req.tp, dtype)
+        return 0 if run_check(ref, test, arch, req, src) else 1
 
     def write(staging):
         iter_dir = begin_save(staging, "release")
         args = make_args(arch, req.tp, req.pp, req.precision, pp0_layers=req.pp0_layers)
-        hf_to_mcore(hf, arch, req.tp, req.pp, dtype, FileSink(iter_dir, req.pp, args),
-                    req.pp0_layers, _progress())
+        hf_to_mcore(reader, arch, req.tp, req.pp, dtype, FileSink(iter_dir, req.pp, args),
+                    req.pp0_layers, progress_bar())
         commit_save(staging, "release")
-        if os.path.isfile(os.path.join(src, "config.json")):
-            shutil.copy2(os.path.join(src, "config.json"), os.path.join(staging, "config.json"))
-        else:
-            _write_json(os.path.join(staging, "config.json"), _hf_config(arch, req.precision))
-        copy_side_files(src, staging)
+        side_files(staging)
 
     def verify(staging):  # the files just written, each tensor merged from its shards
         source = FileSource(find_checkpoint(staging))
         try:
-            return _run_check(hf, SourceWeights(source, arch), arch, req, src)
+            return run_check(ref, SourceWeights(source, arch), arch, req, staging)
         finally:
             source.close()
 
-    rc = _staged(req, write, verify)
+    rc = staged(req, write, verify)
     if rc == 0:
         print(f"hf->mcore: {src} -> {req.target} (release, TP={req.tp} PP={req.pp}, "
               f"{req.precision}) in {time.time() - t0:.1f} s")
@@ -125,7 +133,7 @@ def _hf2mcore(req, arch, hf) -> int:
 
 
 # ---- megatron-core -> HF -------------------------------------------------------------------
-def _hf_config(arch, precision: str, template_dir: Optional[str] = None) -> dict:
+def hf_config_json(arch, precision: str, template_dir: Optional[str] = None) -> dict:
     """config.json for the exported model: the template's own (same model) when there is
     one, so every field and its rope settings survive, else one generated from the arch."""
     cfg = None
@@ -144,7 +152,7 @@ def _hf_config(arch, precision: str, template_dir: Optional[str] = None) -> dict
     return cfg
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
@@ -175,7 +183,7 @@ def _mcore_arch(req, ckpt, source) -> LlamaArch:
     return arch
 
 
-def _has_weights(path: Optional[str]) -> bool:
+def has_weights(path: Optional[str]) -> bool:
     if not path:
         return False
     try:
@@ -201,9 +209,9 @@ def _mg2hf(req, ckpt, source) -> int:
     dtype, t0 = DTYPES[req.precision], time.time()
 
     if req.check_only:  # the checkpoint against HF_CKPT_PATH's weights (else its own export)
-        ref = HFCheckpoint(req.hf_path) if _has_weights(req.hf_path) else McoreAsHF(source, arch)
+        ref = HFCheckpoint(req.hf_path) if has_weights(req.hf_path) else McoreAsHF(source, arch)
         try:
-            ok = _run_check(ref, SourceWeights(source, arch), arch, req, side_src)
+            ok = run_check(ref, SourceWeights(source, arch), arch, req, side_src)
         finally:
             getattr(ref, "close", lambda: None)()
         return 0 if ok else 1
@@ -213,19 +221,20 @@ def _mg2hf(req, ckpt, source) -> int:
     def write(staging):
         writer = SafetensorsStreamWriter(staging, mapping.hf_tensor_plan(arch), dtype,
                                          req.shard_bytes)
-        mcore_to_hf(source, arch, writer, _progress())
+        mcore_to_hf(source, arch, writer, progress_bar())
         files.extend(writer.close())
-        _write_json(os.path.join(staging, "config.json"), _hf_config(arch, req.precision, side_src))
+        write_json(os.path.join(staging, "config.json"),
+                   hf_config_json(arch, req.precision, side_src))
         copy_side_files(side_src, staging)
 
     def verify(staging):  # the exported HF files against the megatron checkpoint
         ref = HFCheckpoint(staging)
         try:
-            return _run_check(ref, SourceWeights(source, arch), arch, req, staging)
+            return run_check(ref, SourceWeights(source, arch), arch, req, staging)
         finally:
             ref.close()
 
-    rc = _staged(req, write, verify)
+    rc = staged(req, write, verify)
     if rc == 0:
         print(f"mcore->hf: {ckpt.path} (TP={ckpt.tp} PP={ckpt.pp}) -> {req.target} "
               f"({len(files)} safetensors files, {req.precision}) in {time.time() - t0:.1f} s")

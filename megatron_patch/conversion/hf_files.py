@@ -91,8 +91,8 @@ class HFCheckpoint:
                 self.files.update({k: os.path.join(p, n) for k in sd})
             return "bin"
         if any(n.startswith("consolidated.") for n in names):
-            raise FileNotFoundError(f"{p}: Meta's original consolidated.*.pth format; convert it "
-                                    f"to HF format first (transformers' convert_llama_weights_to_hf)")
+            raise FileNotFoundError(f"{p}: consolidated.*.pth files but no params.json; a Meta "
+                                    f"checkpoint folder is read with its params.json")
         raise FileNotFoundError(f"{p}: no model weights (*.safetensors or pytorch_model*.bin)")
 
     def _add_safetensors(self, file: str) -> None:

@@ -73,14 +73,14 @@ class HFLayerRunner:
         cfg.num_hidden_layers = 1
         with torch.device("meta"):
             model = LlamaModel(cfg)
-        # rope buffers are not weights: build them for real; the embedding is never used
+        # rope buffers are not weights: build them for real, in float32 like from_pretrained
+        # does whatever the weights' dtype; the embedding is never used
         model.rotary_emb = type(model.rotary_emb)(config=cfg)
         model.norm.weight = torch.nn.Parameter(final_norm, requires_grad=False)
-        self.model, self.dtype = model, dtype
+        self.model, self.dtype = model.eval(), dtype
         self._out = None
         model.layers[0].register_forward_hook(
             lambda m, a, o: setattr(self, "_out", check._first(o).detach()))
-        self._ready = False
 
     def load_layer(self, ref, layer: int) -> None:
         prefix = f"model.layers.{layer}."
@@ -88,9 +88,6 @@ class HFLayerRunner:
             (t,) = ref.read([name])
             key = "layers.0." + name[len(prefix):]
             self.model.load_state_dict({key: t.to(self.dtype)}, strict=False, assign=True)
-        if not self._ready:  # (whole-model path: model.to(dtype) casts every buffer too)
-            self.model.to(self.dtype).eval()
-            self._ready = True
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
