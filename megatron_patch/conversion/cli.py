@@ -18,8 +18,9 @@ Environment: MP_OVERWRITE=1 replaces a non-empty TARGET (only after the new one 
 MP_PP0_LAYERS=N puts N layers on the first pipeline stage; MP_HF_SHARD_SIZE (bytes, or with
 K/M/G suffix, default 4G) bounds HF shard files; MP_CHECK_LONG=0 skips the long llama3-rope
 sequence in CHECK; MP_CHECK_LAYERS=0,15,31 checks only those decoder layers, each fed the
-embedding output (faster; default: every layer, chained); TQDM_DISABLE=1 hides the progress
-bar.
+embedding output (faster; default: every layer, chained); MP_CKPT_FORMAT=torch_dist writes
+megatron-core's distributed checkpoint format instead of per-rank files (any layout loads it;
+reading detects the format); TQDM_DISABLE=1 hides the progress bar.
 
 Exit codes: 0 done, 1 CHECK failed, 2 bad input (one line on stderr, TARGET untouched).
 """
@@ -35,6 +36,7 @@ from .errors import UsageError
 USAGE = ("MODEL_SIZE SOURCE_CKPT_PATH TARGET_CKPT_PATH TP PP mg2hf CHECK CHECK_ONLY PR "
          "[HF_CKPT_PATH]")
 PRECISIONS = ("fp32", "bf16", "fp16")
+CKPT_FORMATS = ("torch", "torch_dist")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Request:
     overwrite: bool = False
     shard_bytes: int = 4 * 2**30
     check_layers: Optional[list] = None  # None: every layer, chained
+    ckpt_format: str = "torch"  # megatron checkpoint written: torch | torch_dist
 
 
 def _bool(name, v):
@@ -108,6 +111,9 @@ def parse(argv) -> Request:
             raise UsageError(f"MP_CHECK_LAYERS={layers!r}: all, or layer numbers separated by "
                              f"commas (e.g. 0,15,31)")
         req.check_layers = sorted({int(i) for i in items})
+    req.ckpt_format = os.environ.get("MP_CKPT_FORMAT", "torch") or "torch"
+    if req.ckpt_format not in CKPT_FORMATS:
+        raise UsageError(f"MP_CKPT_FORMAT={req.ckpt_format!r}: choose torch or torch_dist")
     req.overwrite = os.environ.get("MP_OVERWRITE", "0") == "1"
     if os.environ.get("MP_HF_SHARD_SIZE"):
         req.shard_bytes = _size(os.environ["MP_HF_SHARD_SIZE"])

@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 
-from megatron_patch.checkpoint import begin_save, commit_save, find_checkpoint, make_args
-from megatron_patch.checkpoint.load import FileSource, checkpoint_arch
+from megatron_patch.checkpoint import (begin_save, checkpoint_state, commit_save,
+                                       find_checkpoint, make_args)
+from megatron_patch.checkpoint.load import checkpoint_arch, open_source
 from megatron_patch.models.llama import mapping
 from megatron_patch.models.llama.arch import LlamaArch
 from megatron_patch.models.llama.parallel_layout import LayoutError, check_layout
@@ -21,6 +22,7 @@ from megatron_patch.models.llama.resolve import (ArchError, arch_differences, re
                                                  resolve_arch)
 
 from .errors import UsageError
+from .hf2dist import hf_to_dist
 from .hf2mcore import FileSink, hf_to_mcore, validate_hf
 from .hf_files import HFCheckpoint, SafetensorsStreamWriter, copy_side_files
 from .mcore2hf import mcore_to_hf
@@ -113,13 +115,17 @@ def hf2mcore(req, arch, reader, ref, side_files) -> int:
     def write(staging):
         iter_dir = begin_save(staging, "release")
         args = make_args(arch, req.tp, req.pp, req.precision, pp0_layers=req.pp0_layers)
-        hf_to_mcore(reader, arch, req.tp, req.pp, dtype, FileSink(iter_dir, req.pp, args),
-                    req.pp0_layers, progress_bar())
+        if req.ckpt_format == "torch_dist":
+            common = checkpoint_state([], "release", args)
+            hf_to_dist(reader, arch, req.tp, dtype, iter_dir, common, progress_bar())
+        else:
+            hf_to_mcore(reader, arch, req.tp, req.pp, dtype, FileSink(iter_dir, req.pp, args),
+                        req.pp0_layers, progress_bar())
         commit_save(staging, "release")
         side_files(staging)
 
     def verify(staging):  # the files just written, each tensor merged from its shards
-        source = FileSource(find_checkpoint(staging))
+        source = open_source(find_checkpoint(staging))
         try:
             return run_check(ref, SourceWeights(source, arch), arch, req, staging)
         finally:
@@ -127,8 +133,9 @@ def hf2mcore(req, arch, reader, ref, side_files) -> int:
 
     rc = staged(req, write, verify)
     if rc == 0:
-        print(f"hf->mcore: {src} -> {req.target} (release, TP={req.tp} PP={req.pp}, "
-              f"{req.precision}) in {time.time() - t0:.1f} s")
+        layout = "torch_dist" if req.ckpt_format == "torch_dist" else f"TP={req.tp} PP={req.pp}"
+        print(f"hf->mcore: {src} -> {req.target} (release, {layout}, {req.precision}) in "
+              f"{time.time() - t0:.1f} s")
     return rc
 
 
@@ -196,7 +203,7 @@ def has_weights(path: Optional[str]) -> bool:
 
 def run_mg2hf(req) -> int:
     ckpt = find_checkpoint(req.source)
-    source = FileSource(ckpt)
+    source = open_source(ckpt)
     try:
         return _mg2hf(req, ckpt, source)
     finally:
@@ -236,6 +243,7 @@ def _mg2hf(req, ckpt, source) -> int:
 
     rc = staged(req, write, verify)
     if rc == 0:
-        print(f"mcore->hf: {ckpt.path} (TP={ckpt.tp} PP={ckpt.pp}) -> {req.target} "
+        layout = "torch_dist" if ckpt.format == "torch_dist" else f"TP={ckpt.tp} PP={ckpt.pp}"
+        print(f"mcore->hf: {ckpt.path} ({layout}) -> {req.target} "
               f"({len(files)} safetensors files, {req.precision}) in {time.time() - t0:.1f} s")
     return rc
