@@ -139,7 +139,27 @@ def _adam_moments(opt, chunk):
     return ({k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()})
 
 
-def _training_round_trip(rank, world, root, hf_dir, arch, do):
+def _in_four_processes(rank, world, root, hf_dir, arch):
+    out = {"native": _native_load_of_converted(hf_dir, arch)}
+    for do in (False, True):
+        out[do] = _training_round_trip(rank, f"{root}/do{int(do)}", hf_dir, arch, do)
+    return out
+
+
+def _native_load_of_converted(hf_dir, arch):
+    """The converter's torch_dist checkpoint (written for TP=1) loaded by megatron-core itself
+    at TP2 x PP2 vs the per-rank checkpoint re-sharded by load_model_shards: [names that
+    differ]."""
+    _, native = _model_at(arch, 2, 2)
+    dist_format.load_training_checkpoint(hf_dir + "/mc_dist", native)
+    ref = _model_at(arch, 2, 2, init=False)[1]
+    ck.load_model_shards(hf_dir + "/mc", ref)
+    a, b = native[0].module.state_dict(), ref[0].module.state_dict()
+    assert sorted(a) == sorted(b)
+    return [k for k in a if isinstance(a[k], torch.Tensor) and not torch.equal(a[k], b[k])]
+
+
+def _training_round_trip(rank, root, hf_dir, arch, do):
     """TP2 x PP2: 2 steps, save (torch_dist + per-rank model files), 1 more step; then
     TP1 x DP4: load, 1 step. Returns what the test compares."""
     import torch.distributed as dist
@@ -230,16 +250,39 @@ def _training_round_trip(rank, world, root, hf_dir, arch, do):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("do", [False, True], ids=["adam", "distributed_optimizer"])
-def test_training_checkpoint_tp2pp2_resumes_at_tp1(tmp_path, do):
-    arch = small_arch("llama3", vocab_size=500)
-    hf = tmp_path / "hf"
+@pytest.fixture(scope="module")
+def four_process_results(tmp_path_factory):
+    """One set of 4 gloo processes for every multi-process check (start-up dominates)."""
+    root = tmp_path_factory.mktemp("dist4")
+    # vocabulary 300: padded to 384 at TP=1 and to 512 at TP=2
+    arch = small_arch("llama3", vocab_size=300)
+    hf = root / "hf"
     write_hf_checkpoint(str(hf), arch, seed=2)
+    os.environ["TQDM_DISABLE"] = "1"
     assert cli.main(["auto", str(hf), str(hf / "mc"), "1", "1", "false", "false", "false",
                      "fp32"]) == 0
-    res = run_distributed(_training_round_trip, 4, str(tmp_path), str(hf), arch, do,
-                          timeout=900)
+    os.environ["MP_CKPT_FORMAT"] = "torch_dist"
+    try:
+        assert cli.main(["auto", str(hf), str(hf / "mc_dist"), "1", "1", "false", "false",
+                         "false", "fp32"]) == 0
+    finally:
+        del os.environ["MP_CKPT_FORMAT"]
+    res = run_distributed(_in_four_processes, 4, str(root), str(hf), arch, timeout=1200)
+    return root, res
+
+
+@pytest.mark.slow
+def test_megatron_core_loads_converted_torch_dist_at_tp2pp2(four_process_results):
+    _, res = four_process_results
+    assert all(r["native"] == [] for r in res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("do", [False, True], ids=["adam", "distributed_optimizer"])
+def test_training_checkpoint_tp2pp2_resumes_at_tp1(four_process_results, do):
+    root, results = four_process_results
+    res = [r[do] for r in results]
+    tmp_path = root / f"do{int(do)}"
     r0 = res[0]
     assert all(r["rank_state_same_layout"] for r in res)
     assert r0["dist_dir"].endswith("iter_0000002")
