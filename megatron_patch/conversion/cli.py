@@ -15,7 +15,9 @@ PR: fp32 | bf16 | fp16 (dtype written and checked). HF_CKPT_PATH: config/tokeniz
 a mg2hf check-only run, reference weights) of the HF model.
 
 Environment: MP_OVERWRITE=1 replaces a non-empty TARGET (only after the new one is complete);
-MP_PP0_LAYERS=N puts N layers on the first pipeline stage; MP_HF_SHARD_SIZE (bytes, or with
+MP_PP0_LAYERS=N puts N layers on the first pipeline stage; MP_VP=N writes N virtual
+pipeline chunks per PP rank (model0..model{N-1} in each rank file, megatron-core's
+interleaved placement); MP_HF_SHARD_SIZE (bytes, or with
 K/M/G suffix, default 4G) bounds HF shard files; MP_CHECK_LONG=0 skips the long llama3-rope
 sequence in CHECK; MP_CHECK_LAYERS=0,15,31 checks only those decoder layers, each fed the
 embedding output (faster; default: every layer, chained); MP_CKPT_FORMAT=torch_dist writes
@@ -52,6 +54,7 @@ class Request:
     precision: str
     hf_path: Optional[str]
     pp0_layers: Optional[int] = None
+    vp: Optional[int] = None  # virtual pipeline chunks per PP rank (hf2mcore)
     overwrite: bool = False
     shard_bytes: int = 4 * 2**30
     check_layers: Optional[list] = None  # None: every layer, chained
@@ -104,6 +107,11 @@ def parse(argv) -> Request:
         if not pp0.isdigit():
             raise UsageError(f"MP_PP0_LAYERS={pp0!r}: must be a number of layers")
         req.pp0_layers = int(pp0)
+    vp = os.environ.get("MP_VP", "")
+    if vp and vp != "1":
+        req.vp = _positive("MP_VP", vp)
+        if req.pp < 2:
+            raise UsageError(f"MP_VP={vp}: a virtual pipeline needs PP >= 2 (PP={req.pp})")
     layers = os.environ.get("MP_CHECK_LAYERS", "").strip()
     if layers and layers != "all":
         items = layers.split(",")

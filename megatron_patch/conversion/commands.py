@@ -38,9 +38,9 @@ def progress_bar() -> bool:
     return os.environ.get("TQDM_DISABLE", "") not in ("1", "true", "True")
 
 
-def layout_checks(arch, tp: int, pp: int, pp0) -> None:
+def layout_checks(arch, tp: int, pp: int, pp0, vp=None) -> None:
     try:
-        check_layout(arch, tp=tp, pp=pp, pp0_layers=pp0)
+        check_layout(arch, tp=tp, pp=pp, vp=vp, pp0_layers=pp0)
     except LayoutError as e:
         raise UsageError(str(e)) from None
 
@@ -85,7 +85,7 @@ def run_hf2mcore(req) -> int:
         arch = resolve_arch(req.model_size, hf_config=src if has_cfg else None)
     except ArchError as e:
         raise UsageError(str(e)) from None
-    layout_checks(arch, req.tp, req.pp, req.pp0_layers)
+    layout_checks(arch, req.tp, req.pp, req.pp0_layers, req.vp)
     hf = HFCheckpoint(src)
 
     def side_files(staging):  # config.json and the tokenizer files go along
@@ -114,13 +114,15 @@ def hf2mcore(req, arch, reader, ref, side_files) -> int:
 
     def write(staging):
         iter_dir = begin_save(staging, "release")
-        args = make_args(arch, req.tp, req.pp, req.precision, pp0_layers=req.pp0_layers)
+        args = make_args(arch, req.tp, req.pp, req.precision, vp=req.vp,
+                         pp0_layers=req.pp0_layers)
         if req.ckpt_format == "torch_dist":
             common = checkpoint_state([], "release", args)
             hf_to_dist(reader, arch, req.tp, dtype, iter_dir, common, progress_bar())
         else:
-            hf_to_mcore(reader, arch, req.tp, req.pp, dtype, FileSink(iter_dir, req.pp, args),
-                        req.pp0_layers, progress_bar())
+            hf_to_mcore(reader, arch, req.tp, req.pp, dtype,
+                        FileSink(iter_dir, req.pp, args, vp=req.vp), req.pp0_layers,
+                        progress_bar(), vp=req.vp)
         commit_save(staging, "release")
         side_files(staging)
 
@@ -133,7 +135,8 @@ def hf2mcore(req, arch, reader, ref, side_files) -> int:
 
     rc = staged(req, write, verify)
     if rc == 0:
-        layout = "torch_dist" if req.ckpt_format == "torch_dist" else f"TP={req.tp} PP={req.pp}"
+        layout = "torch_dist" if req.ckpt_format == "torch_dist" else \
+            f"TP={req.tp} PP={req.pp}" + (f" VP={req.vp}" if req.vp else "")
         print(f"hf->mcore: {src} -> {req.target} (release, {layout}, {req.precision}) in "
               f"{time.time() - t0:.1f} s")
     return rc

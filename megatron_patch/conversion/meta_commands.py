@@ -36,7 +36,7 @@ def run_meta(req) -> int:
         copy = _hf_copy(req, arch)
         if req.mg2hf:
             return _meta2hf(req, arch, meta, copy)
-        layout_checks(arch, req.tp, req.pp, req.pp0_layers)
+        layout_checks(arch, req.tp, req.pp, req.pp0_layers, req.vp)
 
         def side_files(staging):
             write_json(os.path.join(staging, "config.json"), hf_config_json(arch, req.precision))
