@@ -223,8 +223,8 @@ def test_virtual_pipeline_layout_written(tmp_path, capsys, monkeypatch):
     from megatron_patch.conversion.hf_files import HFCheckpoint as _HF
     back = _HF(str(tmp_path / "back"))
     assert_same(dict(zip(sd, back.read(list(sd)))), sd)
-    for vp, pp, needle in (("3", "2", "do not split evenly over PP=2 x VP=3"),
-                           ("2", "1", "needs PP >= 2")):
+    for vp, pp, needle in (("3", "2", "PP=2 x MP_VP=3 must divide the model's 8 layers"),
+                           ("2", "1", "virtual pipeline stages need PP > 1")):
         monkeypatch.setenv("MP_VP", vp)
         capsys.readouterr()
         assert cli.main(["auto", str(tmp_path / "hf"), str(tmp_path / "x"), "1", pp, "false",

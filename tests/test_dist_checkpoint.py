@@ -12,7 +12,7 @@ from mp_utils import run_distributed
 from megatron_patch import checkpoint as ck
 from megatron_patch.checkpoint import dist_format
 from megatron_patch.conversion import cli
-from megatron_patch.conversion.model_size import arch_differences
+from megatron_patch.models.llama.resolve import arch_differences
 from megatron_patch.conversion.synthetic import small_arch, write_hf_checkpoint
 from megatron_patch.models.llama import mapping
 

@@ -109,9 +109,7 @@ def parse(argv) -> Request:
         req.pp0_layers = int(pp0)
     vp = os.environ.get("MP_VP", "")
     if vp and vp != "1":
-        req.vp = _positive("MP_VP", vp)
-        if req.pp < 2:
-            raise UsageError(f"MP_VP={vp}: a virtual pipeline needs PP >= 2 (PP={req.pp})")
+        req.vp = _positive("MP_VP", vp)  # checked against PP and the layers with the model
     layers = os.environ.get("MP_CHECK_LAYERS", "").strip()
     if layers and layers != "all":
         items = layers.split(",")

@@ -1,13 +1,15 @@
 """CHECK in bounded memory: the parity check of check.py walked one point at a time.
 
-Only one decoder layer's weights per side are in memory at once. Each side is a one-layer
+Only one decoder layer's weights are in memory at once. Each side is a one-layer
 model of its own library -- transformers' ``LlamaModel`` with a single decoder layer, fed
 ``inputs_embeds``, and megatron_patch's megatron-core model with a single layer and neither
 embedding nor output layer, fed like a later pipeline stage -- whose layer weights are replaced for
 every layer. Both run the same token ids as the whole-model check; each side carries its own
 output forward, so every row equals the whole-model check's row (same modules, same inputs).
 
-The vocabulary-sized tensors never need to be whole: the embedding output is the rows of the
+The two sides run one after the other, each freeing its layer's weights before the other
+loads its own, so the peak is one layer's weights plus one layer's activations (plus the
+hidden states being carried). The vocabulary-sized tensors never need to be whole: the embedding output is the rows of the
 table at the prompt's ids (what both embedding modules compute: a lookup, no scaling, no
 dropout), gathered from blocks of rows; the logits are computed and compared a block of
 vocabulary rows at a time (``h @ W[block].T``, the op of HF's ``lm_head`` and of megatron's
@@ -82,6 +84,10 @@ class HFLayerRunner:
         model.layers[0].register_forward_hook(
             lambda m, a, o: setattr(self, "_out", check._first(o).detach()))
 
+    def release(self) -> None:
+        """Drop the layer's weights (back to meta) before the other side runs."""
+        self.model.layers[0].to("meta")
+
     def load_layer(self, ref, layer: int) -> None:
         prefix = f"model.layers.{layer}."
         for name in (n for r in _LAYER_RULES for n in mapping.hf_names(r, layer)):
@@ -118,11 +124,19 @@ class McoreLayerRunner:
         self.model = build_llama(one, cfg, pre_process=False, post_process=False).eval()
         self.norm = build_module(active_backend().block_spec(cfg).layer_norm, config=cfg,
                                  hidden_size=cfg.hidden_size, eps=cfg.layernorm_epsilon).eval()
-        self.params = dict(self.model.named_parameters())
-        self.local = any(n.endswith(".input_layernorm.weight") for n in self.params)
+        self.local = any(n.endswith(".input_layernorm.weight")
+                         for n, _ in self.model.named_parameters())
+        self.release()
+
+    def release(self) -> None:
+        """Drop the layer's weights (to meta) before the other side runs; the rotary
+        frequencies, outside the layer, stay."""
+        self.model.decoder.layers[0].to("meta")
 
     @torch.no_grad()
     def load_layer(self, test, layer: int) -> None:
+        self.model.decoder.layers[0].to_empty(device="cpu")  # storage, filled below
+        self.params = dict(self.model.named_parameters())
         for rule in _LAYER_RULES:
             name = rule.mcore.format(i=0)
             if self.local:
@@ -186,13 +200,15 @@ def stream_parity(ref, test, arch: LlamaArch, precision: str,
     mc = McoreLayerRunner(arch, precision)
     x_ref, x_test = h_ref, h_test.transpose(0, 1)  # megatron: [s, b, h]
     for i in (range(arch.num_layers) if layers is None else layers):
+        # one side's layer weights in memory at a time
         hf.load_layer(ref, i)
+        y_ref = hf(x_ref if layers is None else h_ref)
+        hf.release()
         mc.load_layer(test, i)
+        y_test = mc(x_test if layers is None else h_ref.transpose(0, 1))
+        mc.release()
         if layers is None:
-            x_ref, x_test = hf(x_ref), mc(x_test)
-            y_ref, y_test = x_ref, x_test
-        else:
-            y_ref, y_test = hf(h_ref), mc(h_ref.transpose(0, 1))
+            x_ref, x_test = y_ref, y_test
         record(f"decoder layer {i}", y_ref, y_test.transpose(0, 1))
     if layers is not None:
         x_ref, x_test = h_ref, h_ref.transpose(0, 1)
