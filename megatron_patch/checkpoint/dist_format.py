@@ -208,9 +208,10 @@ def write_dist_checkpoint(iter_dir: str, tensors: Sequence[StoredTensor], object
         props = TensorProperties(dtype=t.dtype)
         for c in t.chunks:
             index = MetadataIndex(t.key, torch.Size(c.offsets))
-            items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+            data = TensorWriteData(
                 chunk=ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)),
-                properties=props, size=torch.Size(t.global_shape))))
+                properties=props, size=torch.Size(t.global_shape))
+            items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data))
             produce[index] = (c, t.dtype)
     for key, obj in objects.items():
         index = MetadataIndex(key)
@@ -289,8 +290,8 @@ def _rank_object(data):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
-    return ShardedObject(RANK_STATE_KEY, data, (pp, tp),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+    where = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    return ShardedObject(RANK_STATE_KEY, data, (pp, tp), where,
                          replica_id=ps.get_data_parallel_rank())
 
 

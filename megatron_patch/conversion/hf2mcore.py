@@ -65,7 +65,8 @@ class FileSink:
     """Rank files of one iteration directory, written with StreamingTorchWriter; with
     virtual pipeline a file holds one state dict per chunk (model0, model1, ...)."""
 
-    def __init__(self, iter_dir: str, pp: int, args, iteration="release", vp: Optional[int] = None):
+    def __init__(self, iter_dir: str, pp: int, args, iteration="release",
+                 vp: Optional[int] = None):
         self.iter_dir, self.pp, self.args, self.iteration = iter_dir, pp, args, iteration
         self.chunks = vp or 1
 

@@ -1,17 +1,17 @@
 """CHECK in bounded memory: the parity check of check.py walked one point at a time.
 
-Only one decoder layer's weights are in memory at once. Each side is a one-layer
-model of its own library -- transformers' ``LlamaModel`` with a single decoder layer, fed
-``inputs_embeds``, and megatron_patch's megatron-core model with a single layer and neither
-embedding nor output layer, fed like a later pipeline stage -- whose layer weights are replaced for
-every layer. Both run the same token ids as the whole-model check; each side carries its own
-output forward, so every row equals the whole-model check's row (same modules, same inputs).
+Each side is a one-layer model of its own library -- transformers' ``LlamaModel`` with a
+single decoder layer, fed ``inputs_embeds``, and megatron_patch's megatron-core model with a
+single layer and neither embedding nor output layer, fed like a later pipeline stage --
+whose layer weights are replaced for every layer. Both run the same token ids as the
+whole-model check and each side carries its own output forward, so every row equals the
+whole-model check's row (same modules, same inputs).
 
-The two sides run one after the other, each freeing its layer's weights before the other
-loads its own, so the peak is one layer's weights plus one layer's activations (plus the
-hidden states being carried). The vocabulary-sized tensors never need to be whole: the embedding output is the rows of the
-table at the prompt's ids (what both embedding modules compute: a lookup, no scaling, no
-dropout), gathered from blocks of rows; the logits are computed and compared a block of
+The two sides run one after the other, each dropping its layer's weights before the other
+loads its own: the peak is one layer's weights and activations plus the hidden states being
+carried. The vocabulary-sized tensors are never whole: the embedding output is the rows of
+the table at the prompt's ids (what both embedding modules compute: a lookup, no scaling,
+no dropout), gathered from blocks of rows; the logits are computed and compared a block of
 vocabulary rows at a time (``h @ W[block].T``, the op of HF's ``lm_head`` and of megatron's
 ``ColumnParallelLinear`` at TP=1), accumulating the row's statistics (check.Stats).
 
@@ -212,7 +212,8 @@ def stream_parity(ref, test, arch: LlamaArch, precision: str,
         record(f"decoder layer {i}", y_ref, y_test.transpose(0, 1))
     if layers is not None:
         x_ref, x_test = h_ref, h_ref.transpose(0, 1)
-    norm_rule = next(r for r in mapping.rules_for(arch) if r.mcore == "decoder.final_layernorm.weight")
+    norm_rule = next(r for r in mapping.rules_for(arch)
+                     if r.mcore == "decoder.final_layernorm.weight")
     mc.load_final_norm(test.full(norm_rule, None))
     n_ref, n_test = hf.final_norm(x_ref), mc.norm(x_test)
     record("final norm", n_ref, n_test.transpose(0, 1))
