@@ -11,6 +11,7 @@ from mp_utils import run_distributed
 
 from megatron_patch import checkpoint as ck
 from megatron_patch.checkpoint import dist_format
+from megatron_patch.checkpoint.layout import is_dist_checkpoint
 from megatron_patch.conversion import cli
 from megatron_patch.models.llama.resolve import arch_differences
 from megatron_patch.conversion.synthetic import small_arch, write_hf_checkpoint
@@ -58,7 +59,7 @@ def test_converter_writes_and_reads_torch_dist(tmp_path, capsys, monkeypatch, ti
     assert "CHECK PASSED" in out and "torch_dist" in out
     ckpt = ck.find_checkpoint(str(tmp_path / "mc"))
     assert ckpt.format == "torch_dist" and ckpt.iteration == "release"
-    assert dist_format.is_dist_checkpoint(ckpt.path)
+    assert is_dist_checkpoint(ckpt.path)
     meta = dist_format.DistFile(ckpt.path).tensors
     qkv = meta["decoder.layers.self_attention.linear_qkv.weight"].size
     assert tuple(qkv) == (arch.num_layers, 3 * arch.hidden_size, arch.hidden_size)

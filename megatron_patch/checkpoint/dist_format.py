@@ -32,7 +32,6 @@ Here:
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -41,7 +40,7 @@ import torch
 
 from .optimizer_state import (adam_step, is_distributed, materialize_adam_state,
                               resync_adam_step, step_set_aside, sub_optimizers)
-from .layout import DIST_FORMAT, is_dist_checkpoint  # noqa: F401  (detection is stdlib-only)
+from .layout import DIST_FORMAT
 from .torch_file import LazyTensor
 
 COMMON_FILE = "common.pt"

@@ -3,7 +3,6 @@ whole rows of the saved shards are copied file-to-file (rowcopy), the others mer
 their TP shards one full tensor at a time."""
 from __future__ import annotations
 
-import torch
 from tqdm import tqdm
 
 from megatron_patch.checkpoint.load import StateSource, merge_full, saved_layout, source_shards
