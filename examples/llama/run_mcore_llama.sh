@@ -33,7 +33,9 @@
 #      (10), MP_DATA_SPLIT (99,1,0), MP_SEED (1234), MP_NPROC, MP_MASTER_PORT (dsw; default
 #      a free port), MP_PYTHON (interpreter; default the repository's .venv/bin/python, else
 #      python3), MP_RESUME_FROM (continue another run's checkpoint directory in this run's
-#      layout: weights and optimizer state are re-sharded), MP_RDZV_TIMEOUT.
+#      layout: weights and optimizer state are re-sharded), MP_RDZV_TIMEOUT,
+#      MP_CKPT_FORMAT=torch|torch_dist (checkpoints as per-rank files, default, or
+#      megatron-core dist_checkpointing).
 # Killing this script (or its process group) kills every worker it started.
 # Output: OUTPUT_BASEPATH/checkpoint/<run name> (resumed automatically when it holds a
 #      complete checkpoint), OUTPUT_BASEPATH/tensorboard/<run name>_<time>,

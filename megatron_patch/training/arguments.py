@@ -223,6 +223,8 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     tokenizer = env.get("MP_TOKENIZER") or None
     kill_save = env_int(env, "MP_TEST_KILL_IN_SAVE", None)
     resume_from = env.get("MP_RESUME_FROM") or None
+    ckpt_format = _choice("MP_CKPT_FORMAT", env.get("MP_CKPT_FORMAT", "") or "torch",
+                          ("torch", "torch_dist"))
 
     # features that are refused rather than ignored
     if pr == "fp8" and not (_importable("transformer_engine") or _importable("torchao")):
@@ -332,7 +334,8 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
                         dataset_type=dataset_type, sft_packing=packing, tokenizer=tokenizer,
                         split=split, train_tokens=train_tokens),
         checkpoint=CheckpointConfig(load=ckpt, save_interval=save_interval, output_base=out,
-                                    kill_in_save_iter=kill_save, resume_from=resume_from),
+                                    kill_in_save_iter=kill_save, resume_from=resume_from,
+                                    format=ckpt_format),
         seed=seed, eval_interval=eval_interval, eval_iters=eval_iters, notes=notes,
         max_nan_iters=max_nan, nan_window=nan_window,
         timestamp=timestamp or time.strftime("%Y.%m.%d-%H.%M.%S"),

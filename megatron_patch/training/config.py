@@ -99,6 +99,9 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     load: Optional[str] = None        # PRETRAIN_CHECKPOINT_PATH (None: from scratch)
+    format: str = "torch"             # MP_CKPT_FORMAT: torch (per-rank files, Megatron-LM's
+    #                                   legacy layout) | torch_dist (megatron-core
+    #                                   dist_checkpointing: re-shards natively on load)
     save_interval: int = 1000         # SAVE_INTERVAL (iterations)
     output_base: str = "output"       # OUTPUT_BASEPATH
     # MP_RESUME_FROM: a training checkpoint directory (root or iter_N) of another run to

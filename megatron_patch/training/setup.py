@@ -114,7 +114,10 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     # the pretrained one
     found = checkpointing.find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume_from, warn=log)
     resume = None
-    if found is not None:
+    if found is not None and found.format == ckpt_lib.DIST_FORMAT:
+        log(f"resuming from {found.path} (iteration {found.iteration}, torch_dist: loaded "
+            f"once the optimizer exists, re-sharded to this layout)")
+    elif found is not None:
         resume = checkpointing.load_resume_state(
             Run(cfg, arch, chunks, None, None, tconfig), found)
         log(f"resuming from {found.path} (iteration {found.iteration})")
@@ -139,9 +142,12 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     no_sync = [c.no_sync for c in chunks]
     tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     run = Run(cfg, arch, chunks, optimizer, scheduler, tconfig)
-    if resume is not None:
+    if found is not None and found.format == ckpt_lib.DIST_FORMAT:
+        state = checkpointing.restore_dist_training_state(run, found)
+    elif resume is not None:
         state, rank_file = resume
         checkpointing.restore_training_state(run, state, rank_file)
+    if found is not None:
         c = state.get("megatron_patch", {})
         run.iteration = int(state["iteration"])
         run.consumed_train_samples = int(c.get("consumed_train_samples",
