@@ -1,6 +1,8 @@
 """What every device backend provides."""
 from __future__ import annotations
 
+from typing import Optional
+
 from .registry import PatchRegistry
 
 
@@ -57,15 +59,18 @@ class Backend:
         from megatron_patch.backends.layer_specs import local_block_spec
         return local_block_spec(config, vp_stage)
 
-    def training_overrides(self, flash_attn: bool, precision: str) -> dict:
+    def training_overrides(self, flash_attn: bool, precision: str,
+                           cp_comm_type: Optional[str] = None) -> dict:
         """TransformerConfig fields this backend sets for a training run: its kernel choices
-        (``kernel_overrides``) and, for PR=fp8, those of its fp8 path (``fp8_path``)."""
-        overrides = self.kernel_overrides(flash_attn)
+        (``kernel_overrides``: FL, and Transformer Engine's context-parallel exchange
+        ``cp_comm_type`` where TE runs CP; our own CP attention all-gathers K/V) and, for
+        PR=fp8, those of its fp8 path (``fp8_path``)."""
+        overrides = self.kernel_overrides(flash_attn, cp_comm_type)
         if precision == "fp8":
             overrides.update(self.fp8_path().config_overrides())
         return overrides
 
-    def kernel_overrides(self, flash_attn: bool) -> dict:
+    def kernel_overrides(self, flash_attn: bool, cp_comm_type: Optional[str] = None) -> dict:
         """Kernel and device choices (fused kernels, attention, where weights are
         initialised): none beyond models/llama/config.py's defaults (every fused kernel off)
         unless the backend knows the package providing a kernel is there."""

@@ -51,6 +51,10 @@ _CUDA_LITERAL_FUNCTIONS = [
     "megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
     "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",
     "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving",
+    # context parallelism: the rank's rotary rows are picked with a pinned index moved to
+    # cuda; rotary_pos_embedding imported the function by name
+    "megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding.get_pos_emb_on_this_cp_rank",
 ]
 
 

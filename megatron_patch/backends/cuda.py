@@ -17,6 +17,7 @@ provides it is importable; models/llama/config.py turns every fused kernel off b
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 import torch
 
@@ -90,11 +91,15 @@ class CudaBackend(Backend):
             return layer_specs.te_block_spec(config, vp_stage)
         return layer_specs.local_block_spec(config, vp_stage)
 
-    def kernel_overrides(self, flash_attn: bool) -> dict:
+    def kernel_overrides(self, flash_attn: bool, cp_comm_type: Optional[str] = None) -> dict:
         # initialise weights on the GPU (megatron's default): CPU initialisation of an
         # 8B-class model takes minutes and is thrown away when a checkpoint is loaded
         overrides = {"use_cpu_initialization": False}
         if te_available():
+            # CP>1: TE's attention runs context parallelism itself (p2p: ring exchange of
+            # K/V overlapped with compute; all_gather; a2a: heads all-to-all)
+            if cp_comm_type:
+                overrides["cp_comm_type"] = cp_comm_type
             # FL: Transformer Engine's flash attention (true) or its cuDNN fused attention
             # (false), like Pai's NVTE_FLASH_ATTN/NVTE_FUSED_ATTN switch. Without TE the SDPA
             # core attention is used (flash kernels on CUDA when available).

@@ -235,25 +235,36 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     kill_save = env_int(env, "MP_TEST_KILL_IN_SAVE", None)
     resume_from = env.get("MP_RESUME_FROM") or None
     offload_fraction = env_fraction(env, "MP_OFFLOAD_FRACTION")
+    ckpt_format = _choice("MP_CKPT_FORMAT", env.get("MP_CKPT_FORMAT", "") or "torch",
+                          ("torch", "torch_dist"))
 
     # features that are refused rather than ignored
     if pr == "fp8" and not (_importable("transformer_engine") or _importable("torchao")):
         # the trainer's backend checks the rest (GPU generation; TE vs torchao; never bf16)
         raise ConfigError("PR='fp8' needs Transformer Engine or torchao and neither is "
                           "installed (pip install 'torchao==0.18.*'); use bf16")
-    if sft and packing and cp > 1:
-        raise ConfigError(f"MP_SFT_PACKING=true with CP={cp} is not supported: packed samples "
-                          "are not split over context-parallel ranks; use CP=1 or "
-                          "MP_SFT_PACKING=false")
-    if cp > 1:
-        raise ConfigError(f"CP={cp} is not supported on this backend yet: context parallelism "
-                          "needs Transformer Engine attention; use CP=1")
+    cp_comm = env.get("MP_CP_COMM_TYPE", "") or "p2p"
+    _choice("MP_CP_COMM_TYPE", cp_comm, ("p2p", "all_gather", "a2a"))
+    if cp > 1 and sft and packing:
+        raise ConfigError(f"MP_SFT_PACKING='true' is not supported with CP={cp}: packed "
+                          "samples are not split over context-parallel ranks; "
+                          "use MP_SFT_PACKING=false or CP=1")
+    if cp > 1 and env.get("MP_CP_COMM_TYPE") and not _importable("transformer_engine"):
+        notes.append(f"MP_CP_COMM_TYPE={cp_comm} applies to Transformer Engine's attention "
+                     "(not installed): K/V are all-gathered over the CP group")
+    elif cp == 1 and env.get("MP_CP_COMM_TYPE"):
+        notes.append("MP_CP_COMM_TYPE applies to CP > 1 only")
     if offload != "false" and not do:
         # megatron-core's optimizer offload sits on the distributed optimizer (Pai's launcher
         # switches it on the same way)
         notes.append(f"OPTIMIZER_OFFLOAD={offload} needs the distributed optimizer: DO=true")
         do = True
         a["DO"] = "true"
+    if offload != "false" and ckpt_format == "torch_dist":
+        # HybridDeviceOptimizer keeps Adam's state in sub-optimizers that megatron-core's
+        # sharded optimizer state does not describe; the per-rank files save and reshard it
+        raise ConfigError(f"MP_CKPT_FORMAT=torch_dist with OPTIMIZER_OFFLOAD={offload} is not "
+                          "supported: use MP_CKPT_FORMAT=torch (the default) for offloaded runs")
     if offload_fraction is not None and offload != "static":
         notes.append(f"MP_OFFLOAD_FRACTION={offload_fraction:g} only applies to "
                      f"OPTIMIZER_OFFLOAD=static; OPTIMIZER_OFFLOAD={offload}")
@@ -331,8 +342,8 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     cfg = TrainConfig(
         env=env_name,
         model=ModelConfig(generation=generation, size=size, flash_attn=fl),
-        parallel=ParallelConfig(tp=tp, pp=pp, cp=cp, sequence_parallel=sp, vp=vp,
-                                pp0_layers=pp0),
+        parallel=ParallelConfig(tp=tp, pp=pp, cp=cp, cp_comm_type=cp_comm,
+                                sequence_parallel=sp, vp=vp, pp0_layers=pp0),
         precision=PrecisionConfig(dtype=pr),
         optim=OptimizerConfig(lr=lr, min_lr=min_lr, train_iters=train_iters,
                               warmup_iters=warmup_iters, distributed_optimizer=do,
@@ -344,7 +355,8 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
                         dataset_type=dataset_type, sft_packing=packing, tokenizer=tokenizer,
                         split=split, train_tokens=train_tokens),
         checkpoint=CheckpointConfig(load=ckpt, save_interval=save_interval, output_base=out,
-                                    kill_in_save_iter=kill_save, resume_from=resume_from),
+                                    kill_in_save_iter=kill_save, resume_from=resume_from,
+                                    format=ckpt_format),
         seed=seed, eval_interval=eval_interval, eval_iters=eval_iters, notes=notes,
         max_nan_iters=max_nan, nan_window=nan_window,
         timestamp=timestamp or time.strftime("%Y.%m.%d-%H.%M.%S"),

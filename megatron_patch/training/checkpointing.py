@@ -240,6 +240,39 @@ def count_nonfinite_weights(chunks) -> int:
     return int(t.item())
 
 
+def _training_args(run, iteration: int):
+    """The ``args`` Namespace of a training checkpoint (Megatron-LM's names)."""
+    cfg, counters, par = run.cfg, run.counters(), run.cfg.parallel
+    return ckpt_lib.make_args(
+        run.arch, par.tp, par.pp, cfg.precision.dtype, par.vp, par.pp0_layers,
+        iteration=iteration, consumed_train_samples=counters["consumed_train_samples"],
+        consumed_valid_samples=counters["consumed_valid_samples"],
+        train_iters=cfg.optim.train_iters, micro_batch_size=cfg.data.micro_batch_size,
+        global_batch_size=cfg.data.global_batch_size, seq_length=cfg.data.seq_len,
+        lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+        use_distributed_optimizer=cfg.optim.distributed_optimizer,
+        sequence_parallel=par.sequence_parallel, seed=cfg.seed)
+
+
+def _save_dist_checkpoint(run, iteration: int) -> str:
+    """MP_CKPT_FORMAT=torch_dist: megatron-core dist_checkpointing (model, optimizer, and
+    the state every rank shares; each DP rank's RNG state gathered), staged and renamed
+    like the per-rank format, then the companions."""
+    from megatron_patch.checkpoint import dist_format
+    counters = run.counters()
+    common = {"args": _training_args(run, iteration), "iteration": iteration,
+              "opt_param_scheduler": run.scheduler.state_dict(),
+              "num_floating_point_operations_so_far": counters["flops"],
+              "megatron_patch": {**counters, "config": run.cfg.to_dict()}}
+    final = dist_format.save_training_checkpoint(run.cfg.checkpoint_dir, iteration, run.chunks,
+                                                 run.optimizer, common=common,
+                                                 rank_state=rng_state())
+    if dist.get_rank() == 0:
+        write_companions(run)
+    dist.barrier()
+    return final
+
+
 def save_checkpoint(run, iteration: int) -> str:
     """Collective: every rank calls it. Returns the final iteration directory. Weights with
     NaN/Inf are never written: training stops instead (TrainingStopped)."""
@@ -249,6 +282,8 @@ def save_checkpoint(run, iteration: int) -> str:
         raise TrainingStopped(f"the weights hold {bad} NaN/Inf values at iteration {iteration}"
                               f" (fp16 overflow or a too-high LR={cfg.optim.lr:g}); checkpoint "
                               f"not written, stopping")
+    if cfg.checkpoint.format == ckpt_lib.DIST_FORMAT:
+        return _save_dist_checkpoint(run, iteration)
     root = cfg.checkpoint_dir
     rank = dist.get_rank()
     if rank == 0:
@@ -257,7 +292,9 @@ def save_checkpoint(run, iteration: int) -> str:
     dist.barrier()
     staging = ckpt_lib.staging_dir(root, iteration)
     rank_file = _rank_file(staging)
-    dp_rank = ps.get_data_parallel_rank()
+    # one writer per (TP, PP) rank: context-parallel ranks hold the same parameters and
+    # optimizer state (CP does not change the checkpoint layout)
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     if dp_rank == 0:
         os.makedirs(os.path.dirname(rank_file), exist_ok=True)
     # RNG state of every DP rank (Megatron-LM keeps a list indexed by DP rank)
@@ -275,18 +312,9 @@ def save_checkpoint(run, iteration: int) -> str:
                 if opt.data_parallel_group.rank() == 0:
                     torch.save(state, f)
     if dp_rank == 0:
-        counters, par = run.counters(), cfg.parallel
-        args = ckpt_lib.make_args(
-            run.arch, par.tp, par.pp, cfg.precision.dtype, par.vp, par.pp0_layers,
-            iteration=iteration, consumed_train_samples=counters["consumed_train_samples"],
-            consumed_valid_samples=counters["consumed_valid_samples"],
-            train_iters=cfg.optim.train_iters, micro_batch_size=cfg.data.micro_batch_size,
-            global_batch_size=cfg.data.global_batch_size, seq_length=cfg.data.seq_len,
-            lr=cfg.optim.lr,
-            min_lr=cfg.optim.min_lr, use_distributed_optimizer=cfg.optim.distributed_optimizer,
-            sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.seed)
+        counters = run.counters()
         state = ckpt_lib.checkpoint_state(
-            _model_states(run.chunks), iteration, args,
+            _model_states(run.chunks), iteration, _training_args(run, iteration),
             optimizer=opt_state, opt_param_scheduler=run.scheduler.state_dict(),
             rng_state=rngs, num_floating_point_operations_so_far=counters["flops"],
             megatron_patch={**counters, "config": cfg.to_dict(),
@@ -413,6 +441,19 @@ def restore_training_state(run, state: dict, source) -> None:
     if rngs:
         dp_rank = ps.get_data_parallel_rank()
         set_rng_state(rngs[dp_rank] if dp_rank < len(rngs) else rngs[0])
+
+
+def restore_dist_training_state(run, found) -> dict:
+    """A torch_dist checkpoint (any TP/PP/DP it was saved with): model, optimizer,
+    scheduler, and -- in the same layout -- this DP rank's RNG state. Returns the common
+    state (iteration, megatron_patch counters) for the caller's counters."""
+    from megatron_patch.checkpoint import dist_format
+    common = dist_format.load_training_checkpoint(found.root, run.chunks, run.optimizer,
+                                                  iteration=found.iteration)
+    run.scheduler.load_state_dict(common["opt_param_scheduler"])
+    if common.get("rank_state") is not None:
+        set_rng_state(common["rank_state"])
+    return common
 
 
 def _restore_resharded_optimizer(run, state: dict, found) -> None:

@@ -31,7 +31,10 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1                       # TP: tensor-parallel size
     pp: int = 1                       # PP: pipeline-parallel size
-    cp: int = 1                       # CP: context-parallel size
+    cp: int = 1                       # CP: context-parallel size (each sequence split over CP
+                                      # ranks in 2 x CP chunks; docs/context-parallel.md)
+    cp_comm_type: str = "p2p"         # MP_CP_COMM_TYPE: p2p | all_gather | a2a, Transformer
+                                      # Engine's CP exchange (without TE: K/V all-gather)
     sequence_parallel: bool = False   # SP: split activations over the TP group
     vp: Optional[int] = None          # MP_VP: virtual pipeline stages per PP rank
     pp0_layers: Optional[int] = None  # MP_PP0_LAYERS: layers on the first pipeline stage
@@ -102,6 +105,9 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     load: Optional[str] = None        # PRETRAIN_CHECKPOINT_PATH (None: from scratch)
+    format: str = "torch"             # MP_CKPT_FORMAT: torch (per-rank files, Megatron-LM's
+    #                                   legacy layout) | torch_dist (megatron-core
+    #                                   dist_checkpointing: re-shards natively on load)
     save_interval: int = 1000         # SAVE_INTERVAL (iterations)
     output_base: str = "output"       # OUTPUT_BASEPATH
     # MP_RESUME_FROM: a training checkpoint directory (root or iter_N) of another run to

@@ -92,8 +92,12 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     precision = cfg.precision.dtype
     backend = active_backend()
     fp8 = _fp8_path(backend) if precision == "fp8" else None
-    overrides = {"init_method_std": cfg.model.init_method_std}
-    overrides.update(backend.training_overrides(cfg.model.flash_attn, precision))
+    # the loss is the mean over every loss token of the global batch (DP x CP), whatever
+    # the layout (forward_step.masked_lm_loss)
+    overrides = {"init_method_std": cfg.model.init_method_std,
+                 "calculate_per_token_loss": True}
+    overrides.update(backend.training_overrides(
+        cfg.model.flash_attn, precision, cp_comm_type=par.cp_comm_type if par.cp > 1 else None))
     if precision == "fp8":  # the backend set the fp8 recipe; parameters are bf16
         precision = "bf16"
     te_offload = offload.te_activation_offload(cfg, arch, backend)  # {}: torch hooks do it
@@ -115,7 +119,10 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     # the pretrained one
     found = checkpointing.find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume_from, warn=log)
     resume = None
-    if found is not None:
+    if found is not None and found.format == ckpt_lib.DIST_FORMAT:
+        log(f"resuming from {found.path} (iteration {found.iteration}, torch_dist: loaded "
+            f"once the optimizer exists, re-sharded to this layout)")
+    elif found is not None:
         resume = checkpointing.load_resume_state(
             Run(cfg, arch, chunks, None, None, tconfig), found)
         log(f"resuming from {found.path} (iteration {found.iteration})")
@@ -144,9 +151,12 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     run = Run(cfg, arch, chunks, optimizer, scheduler, tconfig,
               activation_offload=activation_offload)
-    if resume is not None:
+    if found is not None and found.format == ckpt_lib.DIST_FORMAT:
+        state = checkpointing.restore_dist_training_state(run, found)
+    elif resume is not None:
         state, rank_file = resume
         checkpointing.restore_training_state(run, state, rank_file)
+    if found is not None:
         c = state.get("megatron_patch", {})
         run.iteration = int(state["iteration"])
         run.consumed_train_samples = int(c.get("consumed_train_samples",

@@ -57,8 +57,8 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise NotImplementedError(
-                "context parallelism (CP>1) needs Transformer Engine's attention; the SDPA "
-                "core attention of megatron_patch does not support it yet")
+                "SDPAttention sees one context-parallel rank's tokens only: with CP>1 use "
+                "megatron_patch.transformer.cp_attention.ContextParallelAttention")
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp = pg_collection.tp.size()
