@@ -323,7 +323,7 @@ def test_arguments(world, tmp_path):
         (dict(offload="static", env={"MP_OFFLOAD_FRACTION": "half"}),
          "MP_OFFLOAD_FRACTION='half' is not valid"),
         (dict(sft=True, cp=2, env={"MP_SFT_PACKING": "true"}),
-         "MP_SFT_PACKING=true with CP=2 is not supported"),
+         "MP_SFT_PACKING='true' is not supported with CP=2"),
     ]
     for kw, msg in bad:
         with pytest.raises(ConfigError) as e:
