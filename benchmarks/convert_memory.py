@@ -1,8 +1,15 @@
-"""Wall time and peak RSS of the HF -> megatron-core conversion next to a plain copy of
-the same files, on random bf16 HF checkpoints written to disk shard by shard.
+"""Wall time and peak RSS of HF -> megatron-core conversion (with CHECK too) vs a plain copy.
+
+The same files are copied with ``cp -r`` and converted, on random bf16 HF checkpoints written
+to disk shard by shard.
 
     python benchmarks/convert_memory.py [--sizes 1b,8b] [--layouts 1x1,4x2] [--dir /tmp]
-                                        [--mg2hf] [--keep]
+                                        [--mg2hf] [--check] [--check-long] [--keep]
+
+--check adds "hf->mcore TP=1 PP=1 with CHECK=true" (the streamed parity check reads every
+tensor back and runs both models layer by layer) on a 128-token prompt (MP_CHECK_LONG=0);
+--check-long adds it on the long llama3-rope sequence, the converter's default for
+Llama-3.1 (original context + 32 tokens: 8224, ~65x the compute of the short prompt).
 
 Each measured step runs as its own process (``cp -r`` for the copy, the converter CLI for
 the conversion); peak RSS is that process's ru_maxrss (os.wait4), wall time includes an
@@ -125,6 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", default="1x1", help="TPxPP list, e.g. 1x1,4x2")
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--mg2hf", action="store_true", help="also time the way back (from 1x1)")
+    ap.add_argument("--check", action="store_true",
+                    help="also hf->mcore TP=1 PP=1 with CHECK on a 128-token prompt")
+    ap.add_argument("--check-long", action="store_true",
+                    help="also hf->mcore TP=1 PP=1 with CHECK on the long llama3-rope sequence")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     env = dict(os.environ, TQDM_DISABLE="1", MP_OVERWRITE="1",
@@ -150,6 +161,18 @@ def main(argv=None) -> int:
             rows.append((size, "plain copy (cp -r)", t_copy, c_copy, rss_copy, 1.0))
             print(f"[{size}] cp -r: {t_copy:.1f} s (cpu {c_copy:.1f} s), peak RSS "
                   f"{gib(rss_copy)}", flush=True)
+            checks = ([("128 tokens", "0")] if args.check else []) + \
+                ([("long sequence", "1")] if args.check_long else [])
+            for label, long in checks:
+                dst = os.path.join(work, "mcore_check")
+                cmd = [sys.executable, "-m", "megatron_patch.conversion.cli", "auto", src, dst,
+                       "1", "1", "false", "true", "false", "bf16"]
+                t, c, rss = measure(cmd, dst, dict(env, MP_CHECK_LONG=long))
+                step = f"hf->mcore TP=1 PP=1 + CHECK ({label})"
+                rows.append((size, step, t, c, rss, t / t_copy))
+                print(f"[{size}] {step}: {t:.1f} s ({t / t_copy:.2f}x copy, cpu {c:.1f} s), "
+                      f"peak RSS {gib(rss)}", flush=True)
+                shutil.rmtree(dst)
             for layout in args.layouts.split(","):
                 tp, pp = layout.split("x")
                 dst = os.path.join(work, f"mcore_{layout}")

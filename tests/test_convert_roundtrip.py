@@ -21,6 +21,17 @@ CASES = [(g, tp, pp) for g in GENERATIONS for tp in (1, 2, 4) for pp in (1, 2, 4
          if small_arch(g).num_key_value_heads % tp == 0]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_process_group():
+    """CHECK (VP test) starts a 1-process group: end it with the module."""
+    import torch.distributed as dist
+    was = dist.is_initialized()
+    yield
+    if not was and dist.is_initialized():
+        from megatron_patch import parallel
+        parallel.destroy()
+
+
 def hf_to_files(hf_dir, out, arch, tp, pp, dtype, pp0=None):
     staging = ck.begin_save(out, "release")
     args = ck.make_args(arch, tp, pp, "fp32", pp0_layers=pp0)
@@ -181,3 +192,42 @@ def test_byte_copy_equals_tensor_path(tmp_path, monkeypatch, tp, pp):
         calls.clear()
     for key in outs[True]:
         assert_same(outs[True][key], outs[False][key])
+
+
+def test_virtual_pipeline_layout_written(tmp_path, capsys, monkeypatch):
+    """MP_VP=2 at PP=2: each rank file holds model0/model1, chunk v of PP rank p holding layers
+    (v*PP + p)*2 .. +1 of 8 (megatron-core's interleaved placement, worked out by hand), each
+    chunk exactly the mapping table's tensors; CHECK reads the layout and the way back is
+    bit-exact."""
+    from megatron_patch.conversion import cli
+    arch = small_arch("llama3", num_layers=8)
+    sd = write_hf_checkpoint(str(tmp_path / "hf"), arch, seed=9)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("MP_VP", "2")
+    mc = str(tmp_path / "mc")
+    assert cli.main(["auto", str(tmp_path / "hf"), mc, "2", "2", "false", "true", "false",
+                     "fp32"]) == 0
+    assert "CHECK PASSED" in capsys.readouterr().out
+    ckpt = ck.find_checkpoint(mc)
+    placement = {(0, 0): [0, 1], (1, 0): [2, 3], (0, 1): [4, 5], (1, 1): [6, 7]}  # (p, v)
+    for (p, v), layers in placement.items():
+        for t in range(2):
+            obj = ck.load_rank_file(ckpt.file(t, p))
+            assert "model" not in obj and obj["args"].virtual_pipeline_model_parallel_size == 2
+            got = {k: x for k, x in obj[f"model{v}"].items() if x is not None}
+            assert_same(got, mapping.hf_to_mcore_state(sd, arch, 2, t, layers,
+                                                       (p, v) == (0, 0), (p, v) == (1, 1)))
+    monkeypatch.delenv("MP_VP")
+    assert cli.main(["auto", mc, str(tmp_path / "back"), "1", "1", "true", "false", "false",
+                     "fp32"]) == 0
+    from megatron_patch.conversion.hf_files import HFCheckpoint as _HF
+    back = _HF(str(tmp_path / "back"))
+    assert_same(dict(zip(sd, back.read(list(sd)))), sd)
+    for vp, pp, needle in (("3", "2", "PP=2 x MP_VP=3 must divide the model's 8 layers"),
+                           ("2", "1", "virtual pipeline stages need PP > 1")):
+        monkeypatch.setenv("MP_VP", vp)
+        capsys.readouterr()
+        assert cli.main(["auto", str(tmp_path / "hf"), str(tmp_path / "x"), "1", pp, "false",
+                         "false", "false", "fp32"]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -32,7 +32,7 @@ def _step(rank, world, cases):
     from megatron_patch import parallel
     from megatron_patch.models.llama import mapping
     from megatron_patch.models.llama.config import ParallelSettings, transformer_config
-    from megatron_patch.training.forward_step import forward_step
+    from megatron_patch.training.forward_step import forward_step, reported_loss
     from megatron_patch.training.model_setup import build_model_chunks, build_optimizer
 
     arch = small_arch()
@@ -76,7 +76,7 @@ def _step(rank, world, cases):
         ok, grad_norm, _ = opt.step()
         weights = [{k: p.detach().float().clone() for k, p in c.module.state_dict().items()
                     if not k.endswith("_extra_state")} for c in chunks]
-        loss = torch.stack([x["lm loss"] for x in losses]).mean().item() if losses else None
+        loss = reported_loss(losses).item() if losses else None
         out[name] = dict(tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank, loss=loss,
                          grads=grads, weights=weights, ok=ok, chunks=chunk_layers)
     return out

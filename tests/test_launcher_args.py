@@ -64,15 +64,14 @@ BAD = [
     ("TP", "4", ["TP", "2 key/value heads"]),
     ("TP", "2", ["TP=2", "does not divide", "processes"]),
     ("PP", "3", ["PP", "4 layers"]),
-    ("CP", "2", ["CP", "not supported on this backend yet"]),
+    ("CP", "2", ["CP=2", "does not divide", "processes"]),  # one process on CPU
+    ("CP", "0", ["CP", "integer"]),
     ("SP", "yes", ["SP", "true|false"]),
     ("DO", "1", ["DO", "true|false"]),
     ("FL", "True", ["FL", "true|false"]),
     ("SFT", "maybe", ["SFT", "true|false"]),
     ("AC", "none", ["AC", "sel|full|offload|false"]),
-    ("AC", "offload", ["AC", "offload", "not supported on this backend yet"]),
     ("OPTIMIZER_OFFLOAD", "always", ["OPTIMIZER_OFFLOAD", "false|static|auto"]),
-    ("OPTIMIZER_OFFLOAD", "static", ["OPTIMIZER_OFFLOAD", "not supported on this backend yet"]),
     ("SAVE_INTERVAL", "0", ["SAVE_INTERVAL", "integer"]),
     ("DATASET_PATH", "/nonexistent/corpus", ["DATASET_PATH", ".bin", ".idx"]),
     ("VALID_DATASET_PATH", "/nonexistent/valid", ["VALID_DATASET_PATH", ".bin"]),
@@ -200,6 +199,36 @@ def test_plan(data):
             cfg.parallel.sequence_parallel) == (30, 3, True, False)
     assert cfg.run_name.startswith("finetune-mcore-llama3-1-tiny-")
     assert any("SP=true has no effect with TP=1" in n for n in cfg.notes)
+    # context parallelism: CP counts in the data-parallel size; SEQ_LEN (PAD_LEN for SFT)
+    # splits into 2 x CP chunks; packed SFT rows cannot be split; MP_CP_COMM_TYPE is TE's
+    cp = list(args)
+    cp[NAMES.index("CP")] = "2"
+    cfg = build_config(cp, "llama3_1", env={})
+    assert (cfg.parallel.cp, cfg.parallel.cp_comm_type) == (2, "p2p")
+    assert "-cp-2-" in cfg.run_name
+    assert plan(cfg, {"MP_NPROC": "4"}).DP == 2
+    cp[NAMES.index("SEQ_LEN")] = "126"
+    cp[NAMES.index("TRAIN_TOKENS_OR_ITERS")] = "100800"
+    with pytest.raises(ConfigError, match="SEQ_LEN=126 is not valid: must be a multiple of "
+                                          "2 x CP = 4"):
+        build_config(cp, "llama3_1", env={})
+    cp_sft = list(sft)
+    cp_sft[NAMES.index("CP")] = "2"
+    cfg = build_config(cp_sft, "llama3_1", env={"MP_DATASET_TYPE": "raw"})
+    assert cfg.parallel.cp == 2 and cfg.data.sft
+    with pytest.raises(ConfigError, match="MP_SFT_PACKING='true' is not supported with CP=2"):
+        build_config(cp_sft, "llama3_1", env={"MP_DATASET_TYPE": "raw",
+                                              "MP_SFT_PACKING": "true"})
+    cp_sft[NAMES.index("PAD_LEN")] = "126"
+    with pytest.raises(ConfigError, match="PAD_LEN=126 is not valid: must be a multiple of"):
+        build_config(cp_sft, "llama3_1", env={"MP_DATASET_TYPE": "raw"})
+    with pytest.raises(ConfigError, match="MP_CP_COMM_TYPE='ring' is not valid"):
+        build_config(args, "llama3_1", env={"MP_CP_COMM_TYPE": "ring"})
+    cp[NAMES.index("SEQ_LEN")] = "128"
+    cp[NAMES.index("TRAIN_TOKENS_OR_ITERS")] = "10240"
+    cfg = build_config(cp, "llama3_1", env={"MP_CP_COMM_TYPE": "a2a"})
+    assert cfg.parallel.cp_comm_type == "a2a"
+    assert any("MP_CP_COMM_TYPE=a2a applies to Transformer Engine" in n for n in cfg.notes)
     # auto reads config.json next to the checkpoint: TP must divide its 2 KV heads
     auto = list(args)
     auto[NAMES.index("MODEL_SIZE")] = "auto"

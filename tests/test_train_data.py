@@ -179,9 +179,12 @@ def test_sft_loss_only_on_answer_tokens(mp1):
     batch = collate([sft_sample(x) for x in items])
     assert torch.equal(batch["loss_mask"].bool(), torch.stack([x["labels"] for x in items]) != -100)
 
-    def loss_of(b):
+    def loss_of(b):  # the per-token contract: (sum over answer tokens, their count, report)
         output, loss_fn = forward_step(iter([b]), model)
-        return loss_fn(output)[0].item()
+        total, count, report = loss_fn(output)
+        assert int(count) == int(b["loss_mask"].sum())
+        assert torch.equal(report["lm loss"], torch.stack([total, count.float()]))
+        return (total / count).item()
 
     with torch.no_grad():
         got = loss_of(batch)

@@ -12,19 +12,31 @@
 # run_mcore_llama1.sh) set MP_GENERATION and call this script; it can also be run directly
 # with MP_GENERATION=llama|llama2|llama3|llama3_1.
 #
+# CP   context parallelism: each sequence is split over CP ranks (2 x CP chunks, rank r
+#      keeps chunks r and 2*CP-1-r), so SEQ_LEN (PAD_LEN for SFT) must be a multiple of
+#      2 x CP; processes = TP x PP x CP x data-parallel size. Attention: Transformer
+#      Engine's with TE on CUDA, else megatron_patch's ContextParallelAttention (K/V
+#      all-gathered over the CP group); the log names it. The loss is the global token
+#      mean over DP x CP (CP=2 reproduces CP=1); checkpoints do not depend on CP. Limits:
+#      causal attention only, no MP_SFT_PACKING, no attention dropout.
+#      (docs/context-parallel.md)
 # ENV  dsw: this machine, one process per local device (GPUs/NPUs; on CPU MP_NPROC, default
 #      1). dlc: PAI-DLC multi-node (MASTER_ADDR, MASTER_PORT, WORLD_SIZE = nodes, RANK = node
 #      rank), one torchrun per node, processes per node from MP_NPROC, else
 #      KUBERNETES_CONTAINER_RESOURCE_GPU, else the visible devices; a node waits up to
 #      MP_RDZV_TIMEOUT seconds (600) for the others, then stops with one line.
-# Env knobs: MP_DATASET_TYPE=idxmap|raw (SFT data), MP_AC_LAYERS (AC=full layers, default 1),
+# Env knobs: MP_DATASET_TYPE=idxmap|raw (SFT data), MP_AC_LAYERS (AC=full|offload layers,
+#      default 1), MP_OFFLOAD_FRACTION (OPTIMIZER_OFFLOAD=static, default 1.0),
 #      MP_VP (virtual pipeline stages), MP_PP0_LAYERS (layers on the first pipeline stage),
-#      MP_SFT_PACKING=true|false, MP_TOKENIZER (HF tokenizer dir for SFT when none sits next
-#      to the checkpoint), MP_EVAL_INTERVAL (10000), MP_EVAL_ITERS (10), MP_DATA_SPLIT
-#      (99,1,0), MP_SEED (1234), MP_NPROC, MP_MASTER_PORT (dsw; default a free port),
-#      MP_PYTHON (interpreter; default the repository's .venv/bin/python, else python3),
-#      MP_RESUME_FROM (continue another run's checkpoint directory in this run's layout:
-#      weights and optimizer state are re-sharded), MP_RDZV_TIMEOUT.
+#      MP_SFT_PACKING=true|false (not with CP>1), MP_CP_COMM_TYPE=p2p|all_gather|a2a
+#      (Transformer Engine's CP exchange, default p2p), MP_TOKENIZER (HF tokenizer dir for
+#      SFT when none sits next to the checkpoint), MP_EVAL_INTERVAL (10000), MP_EVAL_ITERS
+#      (10), MP_DATA_SPLIT (99,1,0), MP_SEED (1234), MP_NPROC, MP_MASTER_PORT (dsw; default
+#      a free port), MP_PYTHON (interpreter; default the repository's .venv/bin/python, else
+#      python3), MP_RESUME_FROM (continue another run's checkpoint directory in this run's
+#      layout: weights and optimizer state are re-sharded), MP_RDZV_TIMEOUT,
+#      MP_CKPT_FORMAT=torch|torch_dist (checkpoints as per-rank files, default, or
+#      megatron-core dist_checkpointing).
 # Killing this script (or its process group) kills every worker it started.
 # Output: OUTPUT_BASEPATH/checkpoint/<run name> (resumed automatically when it holds a
 #      complete checkpoint), OUTPUT_BASEPATH/tensorboard/<run name>_<time>,

@@ -8,6 +8,10 @@ megatron-core 0.16.1 assumes CUDA in three ways; each patch below names its targ
    CUDA generator: back it with the CPU generator.
 3. Literal ``device="cuda"`` / ``.cuda()`` / ``'torch.cuda.FloatTensor'`` in specific
    functions: those functions run under CudaToCpuMode (see cuda_to_cpu.py).
+4. The optimizer CPU offload (``HybridDeviceOptimizer``, OPTIMIZER_OFFLOAD) overlaps its
+   copies on CUDA streams and offloads only parameters that are ``is_cuda``: its stream
+   calls get host stand-ins, and every parameter counts as a device parameter (the host is
+   the device), so the offloaded fraction takes the same copy/step/copy-back path as on a GPU.
 gloo in torch 2.13 implements every collective megatron calls here (all_gather_into_tensor,
 reduce_scatter_tensor, bf16/fp16 all_reduce): tests/test_gloo_collectives.py checks their
 results against the definitions, so nothing needs emulating.
@@ -16,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from . import offload_fixes
 from .base import Backend
-from .cuda_to_cpu import on_cpu
+from .cuda_to_cpu import on_cpu, on_host_streams
 
 _CPU = torch.device("cpu")
 
@@ -46,6 +51,10 @@ _CUDA_LITERAL_FUNCTIONS = [
     "megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
     "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",
     "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving",
+    # context parallelism: the rank's rotary rows are picked with a pinned index moved to
+    # cuda; rotary_pos_embedding imported the function by name
+    "megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding.get_pos_emb_on_this_cp_rank",
 ]
 
 
@@ -114,6 +123,46 @@ def _tagged_batched_p2p(**kwargs):
     return list(_tagged_p2p(**kwargs).values())
 
 
+_HYBRID = "megatron.core.optimizer.cpu_offloading.hybrid_optimizer.HybridDeviceOptimizer"
+
+
+def _split_params_host_is_device(self, offload_fraction):
+    """HybridDeviceOptimizer._get_sub_optimizer_param_groups with the host as the device.
+
+    megatron-core offloads only ``param.is_cuda`` parameters and leaves the others out of
+    its host-copy maps, which then fail with KeyError at the first step. Here every
+    parameter is a device parameter: the first ``offload_fraction`` of them (by element
+    count, in parameter-group order -- megatron-core's rule) get a separate host copy that
+    the host optimizer steps and that is copied back after each step; the rest are stepped
+    in place by the device optimizer. Returns megatron-core's five values: host groups,
+    device groups, device param -> host copy, host copy -> device param, param -> fp32 copy.
+    """
+    params = [p for group in self.param_groups for p in group["params"]]
+    threshold = sum(p.numel() for p in params) * offload_fraction
+    offloaded = 0
+    host_groups, device_groups = [], []
+    to_host, to_device, to_fp32 = {}, {}, {}
+    for group in self.param_groups:
+        host_group, device_group = dict(group, params=[]), dict(group, params=[])
+        for param in group["params"]:
+            inner, offload = param, offloaded < threshold
+            if offload:
+                inner = param.detach().clone()   # pinned on a GPU machine; no pinning here
+                offloaded += param.numel()
+            if self.param_update_in_fp32 and inner.dtype != torch.float32:
+                inner = inner.detach().clone().float()
+                to_fp32[param] = inner
+            if offload:
+                to_host[param], to_device[inner] = inner, param
+                host_group["params"].append(inner)
+            else:
+                device_group["params"].append(inner)
+        for g, out in ((device_group, device_groups), (host_group, host_groups)):
+            if g["params"]:
+                out.append(g)
+    return host_groups, device_groups, to_host, to_device, to_fp32
+
+
 class CpuBackend(Backend):
     name = "cpu"
     dist_backend = "gloo"
@@ -144,6 +193,15 @@ class CpuBackend(Backend):
         # config never calls (every *_fusion flag is off). Eager functions compute the same.
         r.register("megatron.core.jit.jit_fuser", _no_jit_fuser,
                    reason="torch.compile decorators cost start-up and are unused on CPU")
+        # optimizer CPU offload (OPTIMIZER_OFFLOAD=static|auto)
+        offload_fixes.register(r, inner=on_cpu)  # also a CUDA-literal function
+        r.register(f"{_HYBRID}._get_sub_optimizer_param_groups", _split_params_host_is_device,
+                   reason="offloads only is_cuda params, then KeyErrors on host ones")
+        for method in ("_init_sub_optimizers", "step"):
+            r.register(f"{_HYBRID}.{method}", wrapper=on_host_streams,
+                       reason="overlaps copies on torch.cuda streams; pins host buffers")
         for target in _CUDA_LITERAL_FUNCTIONS:
+            if target == offload_fixes.TARGET:
+                continue
             r.register(target, wrapper=on_cpu,
                        reason="allocates with device='cuda' or checks CUDA type names")

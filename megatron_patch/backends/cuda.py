@@ -17,6 +17,7 @@ provides it is importable; models/llama/config.py turns every fused kernel off b
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 import torch
 
@@ -51,10 +52,15 @@ def apex_grad_accum_available() -> bool:
 class CudaBackend(Backend):
     name = "cuda"
     dist_backend = "nccl"
+    pins_host_memory = True
 
     @classmethod
     def available(cls) -> bool:
         return torch.cuda.is_available()
+
+    def register_patches(self) -> None:
+        from . import offload_fixes
+        offload_fixes.register(self.registry)  # OPTIMIZER_OFFLOAD (docs/memory.md)
 
     @classmethod
     def unavailable_reason(cls) -> str:
@@ -67,17 +73,33 @@ class CudaBackend(Backend):
     def set_device(self, local_rank: int) -> None:
         torch.cuda.set_device(local_rank)
 
+    def device_memory(self, local_rank: int = 0):
+        return torch.cuda.mem_get_info(local_rank)
+
+    def activation_offload_overrides(self, num_layers: int, pp: int, total_layers: int):
+        # megatron-core drives TE's offload context for the first cpu_offloading_num_layers
+        # layers of the block; it refuses PP > 1 and offloading every layer (the last one's
+        # activations are needed at once). Those cases take the torch hooks instead.
+        if te_available() and pp == 1 and num_layers < total_layers:
+            return dict(cpu_offloading=True, cpu_offloading_num_layers=num_layers,
+                        cpu_offloading_activations=True, cpu_offloading_weights=False)
+        return None
+
     def block_spec(self, config, vp_stage=None):
         from megatron_patch.backends import layer_specs
         if te_available():
             return layer_specs.te_block_spec(config, vp_stage)
         return layer_specs.local_block_spec(config, vp_stage)
 
-    def kernel_overrides(self, flash_attn: bool) -> dict:
+    def kernel_overrides(self, flash_attn: bool, cp_comm_type: Optional[str] = None) -> dict:
         # initialise weights on the GPU (megatron's default): CPU initialisation of an
         # 8B-class model takes minutes and is thrown away when a checkpoint is loaded
         overrides = {"use_cpu_initialization": False}
         if te_available():
+            # CP>1: TE's attention runs context parallelism itself (p2p: ring exchange of
+            # K/V overlapped with compute; all_gather; a2a: heads all-to-all)
+            if cp_comm_type:
+                overrides["cp_comm_type"] = cp_comm_type
             # FL: Transformer Engine's flash attention (true) or its cuDNN fused attention
             # (false), like Pai's NVTE_FLASH_ATTN/NVTE_FUSED_ATTN switch. Without TE the SDPA
             # core attention is used (flash kernels on CUDA when available).

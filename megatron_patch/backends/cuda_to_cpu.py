@@ -8,6 +8,7 @@ type-name checks see the CUDA names they expect. Nothing outside those calls is 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -44,6 +45,66 @@ def on_cpu(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with CudaToCpuMode():
+            return fn(*args, **kwargs)
+    wrapper.__wrapped_by_megatron_patch__ = True
+    return wrapper
+
+
+# ---- CUDA streams on a host-only machine ------------------------------------------------
+class HostEvent:
+    """Stand-in for torch.cuda.Event: on the host every copy has finished when it returns."""
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class HostStream:
+    """Stand-in for torch.cuda.Stream: work is synchronous, so ordering is already given."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> HostEvent:
+        return event if event is not None else HostEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _host_stream_context(stream=None):
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def host_streams():
+    """While inside: torch.cuda.current_stream()/Stream()/stream() answer host stand-ins (a
+    CPU-only torch raises "not compiled with CUDA" on each)."""
+    cuda = torch.cuda
+    saved = (cuda.current_stream, cuda.Stream, cuda.stream)
+    cuda.current_stream = lambda device=None: HostStream()
+    cuda.Stream = lambda *args, **kwargs: HostStream()
+    cuda.stream = _host_stream_context
+    try:
+        yield
+    finally:
+        cuda.current_stream, cuda.Stream, cuda.stream = saved
+
+
+def on_host_streams(fn):
+    """Wrap ``fn`` so it runs with host stream stand-ins and under CudaToCpuMode (which also
+    drops pin_memory=True: there is no pinned allocator without an accelerator)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with host_streams(), CudaToCpuMode():
             return fn(*args, **kwargs)
     wrapper.__wrapped_by_megatron_patch__ = True
     return wrapper

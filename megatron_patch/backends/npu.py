@@ -69,7 +69,10 @@ class NpuBackend(Backend):
 
     def register_patches(self) -> None:
         from megatron_patch.transformer import npu_ops
+
+        from . import offload_fixes
         r = self.registry
+        offload_fixes.register(r)  # OPTIMIZER_OFFLOAD (docs/memory.md)
         r.register("megatron_patch.transformer.norm.RMSNorm.forward", npu_ops.rmsnorm_forward,
                    reason="fused RMSNorm kernel (torch_npu.npu_rms_norm)")
         r.register("megatron.core.models.common.embeddings.rope_utils._apply_rotary_pos_emb_bshd",
@@ -95,6 +98,9 @@ class NpuBackend(Backend):
 
     def set_device(self, local_rank: int) -> None:
         torch.npu.set_device(local_rank)
+
+    def device_memory(self, local_rank: int = 0):
+        return torch.npu.mem_get_info(local_rank)
 
     def block_spec(self, config, vp_stage=None):
         from megatron_patch.backends.layer_specs import local_block_spec

@@ -20,7 +20,8 @@ Reading: ``find_checkpoint(path)`` (latest complete, or a given iteration),
 ``load_model_state(path, tp, pp, tp_rank, pp_rank)`` returns the state dicts,
 ``load_rank_file(path)`` a whole rank file (torch.load, weights_only, args allowed).
 """
-from .layout import (CHECKPOINT_FILENAME, CHECKPOINT_VERSION, TRACKER_FILENAME, CheckpointDir,
+from .layout import (CHECKPOINT_FILENAME, CHECKPOINT_VERSION, DIST_FORMAT, TRACKER_FILENAME,
+                     CheckpointDir,
                      checkpoint_file, checkpoint_problem, find_checkpoint, iteration_dirname,
                      list_iterations, rank_dirname, read_tracker, torch_file_problem,
                      write_tracker)
@@ -49,7 +50,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "TRACKER_FILENAME", "CHECKPOINT_FILENAME", "CHECKPOINT_VERSION", "CheckpointDir",
+    "TRACKER_FILENAME", "CHECKPOINT_FILENAME", "CHECKPOINT_VERSION", "DIST_FORMAT",
+    "CheckpointDir",
     "iteration_dirname", "rank_dirname", "checkpoint_file", "read_tracker", "write_tracker",
     "list_iterations", "find_checkpoint", "checkpoint_problem", "torch_file_problem",
     "staging_dir", "begin_save", "save_rank_file", "commit_save", "make_args",

@@ -6,10 +6,13 @@
         mp_rank_%02d_%03d/model_optim_rng.pt          PP > 1  (TP rank, PP rank)
 
 These are the names Megatron-LM and Pai-Megatron-Patch read and write, so their tools find
-our checkpoints and we find theirs.
+our checkpoints and we find theirs. An iteration directory may instead hold a checkpoint in
+megatron-core's torch_dist format (dist_format.py; Megatron-LM's --ckpt-format torch_dist),
+recognised here by its metadata.json. Standard library only.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import zipfile
@@ -21,6 +24,10 @@ CHECKPOINT_FILENAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 
 Iteration = Union[int, str]  # an int, or "release"
+
+# megatron-core's torch_dist iteration directory: these files, metadata.json written last
+DIST_FORMAT = "torch_dist"
+DIST_FILES = ("metadata.json", ".metadata", "common.pt")
 
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2,})(?:_(\d{3,}))?$")
@@ -69,9 +76,19 @@ def write_tracker(root: str, iteration: Iteration) -> None:
     os.replace(tmp, path)
 
 
+def is_dist_checkpoint(iter_dir: str) -> bool:
+    """An iteration directory written by megatron-core's torch_dist strategy."""
+    try:
+        with open(os.path.join(iter_dir, DIST_FILES[0])) as f:
+            return json.load(f).get("sharded_backend") == DIST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @dataclass
 class CheckpointDir:
-    """One iteration directory and the rank files found in it."""
+    """One iteration directory and the rank files found in it. A torch_dist checkpoint has
+    no rank files and holds every tensor whole: it reads as one TP=1 PP=1 model."""
     root: str
     iteration: Iteration
     path: str
@@ -80,12 +97,18 @@ class CheckpointDir:
     files: dict = field(repr=False)  # (tp_rank, pp_rank) -> file path
     # newer checkpoints passed over while finding this one: [(iteration, why)]
     skipped: list = field(default_factory=list, repr=False)
+    format: str = "torch"  # "torch" (per-rank files) | "torch_dist"
 
     @property
     def complete(self) -> bool:
+        if self.format == DIST_FORMAT:
+            return all(os.path.isfile(os.path.join(self.path, n)) for n in DIST_FILES)
         return all((t, p) in self.files for t in range(self.tp) for p in range(self.pp))
 
     def file(self, tp_rank: int, pp_rank: int = 0) -> str:
+        if self.format == DIST_FORMAT:
+            raise FileNotFoundError(f"{self.path}: a torch_dist checkpoint has no per-rank "
+                                    f"files; read it with checkpoint.load.open_source")
         try:
             return self.files[(tp_rank, pp_rank)]
         except KeyError:
@@ -96,6 +119,13 @@ class CheckpointDir:
 def scan_iteration_dir(path: str, root: Optional[str] = None,
                        iteration: Optional[Iteration] = None) -> CheckpointDir:
     """Find the rank files of one iteration directory; TP/PP come from the directory names."""
+    if iteration is None:
+        base = os.path.basename(os.path.normpath(path))
+        m = _ITER_RE.match(base)
+        iteration = int(m.group(1)) if m else "release"
+    root = root or os.path.dirname(os.path.normpath(path))
+    if is_dist_checkpoint(path):
+        return CheckpointDir(root, iteration, path, 1, 1, {}, format=DIST_FORMAT)
     files = {}
     two_level = False
     if os.path.isdir(path):
@@ -109,12 +139,7 @@ def scan_iteration_dir(path: str, root: Optional[str] = None,
         raise FileNotFoundError(f"{path}: no mp_rank_*/{CHECKPOINT_FILENAME} files")
     tp = 1 + max(t for t, _ in files)
     pp = 1 + max(p for _, p in files)
-    if iteration is None:
-        base = os.path.basename(os.path.normpath(path))
-        m = _ITER_RE.match(base)
-        iteration = int(m.group(1)) if m else "release"
-    return CheckpointDir(root or os.path.dirname(os.path.normpath(path)), iteration, path,
-                         tp, pp if two_level else 1, files)
+    return CheckpointDir(root, iteration, path, tp, pp if two_level else 1, files)
 
 
 def torch_file_problem(path: str):
@@ -138,6 +163,9 @@ def torch_file_problem(path: str):
 
 def checkpoint_problem(ckpt: CheckpointDir):
     """Why the checkpoint cannot be read (missing or damaged rank files), or None."""
+    if ckpt.format == DIST_FORMAT:
+        missing = [n for n in DIST_FILES if not os.path.isfile(os.path.join(ckpt.path, n))]
+        return f"incomplete torch_dist checkpoint (no {', '.join(missing)})" if missing else None
     if not ckpt.complete:
         return f"incomplete ({len(ckpt.files)} of {ckpt.tp * ckpt.pp} rank files)"
     for key in sorted(ckpt.files):
@@ -172,8 +200,8 @@ def find_checkpoint(path: str, iteration: Optional[Iteration] = None) -> Checkpo
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if any(_RANK_RE.match(n) for n in os.listdir(path)):  # an iteration directory
-        ckpt = scan_iteration_dir(path)
+    if any(_RANK_RE.match(n) for n in os.listdir(path)) or is_dist_checkpoint(path):
+        ckpt = scan_iteration_dir(path)  # an iteration directory
         why = checkpoint_problem(ckpt)
         if why:
             raise FileNotFoundError(f"{path}: cannot be read: {why}")
@@ -210,5 +238,5 @@ def find_checkpoint(path: str, iteration: Optional[Iteration] = None) -> Checkpo
                         for it, why in skipped)
     raise FileNotFoundError(f"{path}: no complete Megatron checkpoint (expected "
                             f"{TRACKER_FILENAME} and release/ or iter_NNNNNNN/ with "
-                            f"mp_rank_*/{CHECKPOINT_FILENAME})"
+                            f"mp_rank_*/{CHECKPOINT_FILENAME} or a torch_dist checkpoint)"
                             + (f"; {reasons}" if reasons else ""))

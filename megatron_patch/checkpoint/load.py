@@ -4,7 +4,8 @@ A rank's state comes straight from its file when the saved layout equals the req
 one; otherwise it is re-sharded tensor by tensor from the saved files (merge the saved TP
 shards, cut/re-pad the vocabulary, cut the requested shard), so memory holds one rank's
 state plus one full tensor. Only the ``model`` entries are read: optimizer, scheduler and
-RNG state in training checkpoints are never loaded.
+RNG state in training checkpoints are never loaded. Both formats are read: per-rank files
+(``FileSource``) and megatron-core's torch_dist (``DistSource``); ``open_source`` picks.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from megatron_patch.models.llama import mapping
 from megatron_patch.models.llama.parallel_layout import check_layout
 from megatron_patch.models.llama.arch import LlamaArch
 
+from .dist_format import DistFile, model_tensors, read_common
 from .layout import CheckpointDir, Iteration, find_checkpoint
-from .torch_file import LazyTensor, LazyTorchFile, materialize
+from .torch_file import LazyTensor, LazyTorchFile, materialize, rows_of
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -102,6 +104,30 @@ class FileSource(StateSource):
         for f, _ in self._open.values():
             f.close()
         self._open.clear()
+
+
+class DistSource(StateSource):
+    """A torch_dist checkpoint (dist_format.py): one whole model, each tensor (or decoder
+    layer of a stacked tensor) read when it is used; seen as one TP=1 PP=1 chunk."""
+
+    def __init__(self, ckpt: CheckpointDir):
+        super().__init__(1, 1)
+        self.ckpt = ckpt
+        self.file = DistFile(ckpt.path)
+        self._chunk = model_tensors(self.file)
+        if not self._chunk:
+            raise ValueError(f"{ckpt.path}: no model tensors in this torch_dist checkpoint")
+
+    def chunks(self, tp_rank, pp_rank):
+        return [self._chunk]
+
+    def args(self):
+        return read_common(self.ckpt.path).get("args")
+
+
+def open_source(ckpt: CheckpointDir) -> StateSource:
+    """The model weights of a checkpoint found by find_checkpoint, in either format."""
+    return DistSource(ckpt) if ckpt.format == "torch_dist" else FileSource(ckpt)
 
 
 def _model_chunks(obj, path) -> list:
@@ -186,6 +212,25 @@ def read_full_tensor(source: StateSource, layout: SavedLayout, rule, layer, arch
     return merge_full(rule, shards, arch)
 
 
+def read_full_rows(source: StateSource, layout: SavedLayout, rule, layer, arch, start: int,
+                   stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the whole megatron tensor of ``rule``, reading only those rows
+    when the TP shards are plain row blocks (the vocabulary tensors: embedding, output)."""
+    shards = source_shards(source, layout, rule, layer, arch)
+    if rule.tp_dim not in (0, None) or rule.kind in ("qkv", "gate_up"):
+        return read_full_tensor(source, layout, rule, layer, arch)[start:stop]
+    if rule.kind == "vocab":
+        stop = min(stop, arch.vocab_size)
+    parts, offset = [], 0
+    for x in (shards if rule.tp_dim == 0 else shards[:1]):
+        n = x.shape[0]
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            parts.append(rows_of(x, lo - offset, hi - offset))
+        offset += n
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def reshard_state(source: StateSource, arch: LlamaArch, tp: int, pp: int, tp_rank: int,
                   pp_rank: int, vp: Optional[int] = None, pp0_layers: Optional[int] = None,
                   layout: Optional[SavedLayout] = None) -> list:
@@ -215,10 +260,10 @@ def reshard_state(source: StateSource, arch: LlamaArch, tp: int, pp: int, tp_ran
     return out
 
 
-def checkpoint_arch(ckpt: CheckpointDir, source: Optional[FileSource] = None) -> Optional[LlamaArch]:
+def checkpoint_arch(ckpt: CheckpointDir, source: Optional[StateSource] = None) -> Optional[LlamaArch]:
     """The model's LlamaArch: from the checkpoint's args (written by megatron_patch), else
     from a config.json next to the checkpoint; None when neither exists."""
-    src = source or FileSource(ckpt)
+    src = source or open_source(ckpt)
     try:
         args = src.args()
     finally:
@@ -241,7 +286,7 @@ def load_model_state(ckpt_path: str, tp: int = 1, pp: int = 1, tp_rank: int = 0,
     TP x PP (x VP) model, from the checkpoint at ``ckpt_path`` whatever layout it was saved
     in. ``ckpt_path`` is a checkpoint root or an iteration directory."""
     ckpt = find_checkpoint(ckpt_path, iteration)
-    source = FileSource(ckpt)
+    source = open_source(ckpt)
     try:
         arch = arch or checkpoint_arch(ckpt, source)
         if arch is None:
@@ -305,7 +350,7 @@ def load_model_shards(ckpt_path: str, model_chunks, tp_rank: Optional[int] = Non
     vp = len(chunks) if len(chunks) > 1 else None
     pp0 = getattr(chunks[0].config, "num_layers_in_first_pipeline_stage", None) if pp > 1 else None
     ckpt = find_checkpoint(ckpt_path, iteration)
-    source = FileSource(ckpt)
+    source = open_source(ckpt)
     try:
         arch = arch or checkpoint_arch(ckpt, source)
         if arch is None:

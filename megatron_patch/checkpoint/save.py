@@ -111,7 +111,7 @@ def checkpoint_state(model_chunks: list, iteration: Iteration, args=None, **extr
              "iteration": 0 if iteration == "release" else int(iteration)}
     if len(model_chunks) == 1:
         state["model"] = model_chunks[0]
-    else:
+    elif model_chunks:
         for i, sd in enumerate(model_chunks):
             state[f"model{i}"] = sd
     state.update(extra)

@@ -242,6 +242,11 @@ class LazyTensor:
     def load(self) -> torch.Tensor:
         return self.file.read_tensor(self)
 
+    def load_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0, reading only their bytes when the tensor is
+        C-contiguous (a vocabulary-sized embedding is read a block of rows at a time)."""
+        return self.file.read_rows(self, start, stop)
+
     def __repr__(self):
         return f"LazyTensor({tuple(self.shape)}, {self.dtype})"
 
@@ -249,6 +254,11 @@ class LazyTensor:
 def materialize(x):
     """LazyTensor -> tensor; anything else unchanged."""
     return x.load() if isinstance(x, LazyTensor) else x
+
+
+def rows_of(x, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a LazyTensor (read from disk) or a tensor (a copy)."""
+    return x.load_rows(start, stop) if isinstance(x, LazyTensor) else x[start:stop].clone()
 
 
 _SAFE_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
@@ -325,6 +335,16 @@ class LazyTorchFile:
         if tuple(lt.stride) != tuple(torch.empty(lt.shape).stride()):
             t = t.as_strided(lt.shape, lt.stride).contiguous()
         return t.view(lt.shape)
+
+    def read_rows(self, lt: LazyTensor, start: int, stop: int) -> torch.Tensor:
+        start, stop = max(0, start), min(stop, lt.shape[0])
+        contiguous = tuple(lt.stride) == tuple(torch.empty(lt.shape, device="meta").stride())
+        if not contiguous or lt.shape.numel() == 0:
+            return self.read_tensor(lt)[start:stop].clone()
+        shape = (max(0, stop - start),) + tuple(lt.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        offset = lt.offset + start * lt.shape[1:].numel()
+        return self.read_tensor(LazyTensor(self, lt.key, lt.dtype, offset, shape, stride))
 
     def close(self):
         if self._fh is not None:

@@ -13,6 +13,10 @@ Pass criterion per row (tolerance printed in the table header), on the float64 d
 fp32 is tight (both sides compute the same math; measured diffs are ~0); bf16/fp16 allow
 twice the measured rounding drift of two different kernels for the model's width and depth
 (``tolerance``).
+
+Two ways to compute the table: ``parity`` here runs both whole models (memory for two full
+models; kept as the reference the tests hold the other against), ``stream_check`` walks them
+a layer at a time in bounded memory and gives the same numbers -- the converter runs that.
 """
 from __future__ import annotations
 
@@ -101,20 +105,33 @@ class CheckResult:
     def first_failure(self) -> Optional[Row]:
         return next((r for r in self.rows if not r.ok), None)
 
-    def table(self) -> str:
+    def header(self) -> list:
         t = self.tolerance
-        lines = [f"parity check: {self.precision}, pass if rel <= {t.rtol:g} and cosine >= "
-                 f"{t.min_cos:g}; {self.seq_len} tokens ({self.prompt})",
-                 f"{'point':<24} {'positions':<12} {'max abs diff':>13} {'rel diff':>10} "
-                 f"{'cosine':>10}  result"]
-        for r in self.rows:
-            lines.append(f"{r.point:<24} {r.positions:<12} {r.max_abs:>13.3e} {r.rel:>10.3e} "
-                         f"{r.cos:>10.7f}  {'ok' if r.ok else 'FAIL'}")
+        return [f"parity check: {self.precision}, pass if rel <= {t.rtol:g} and cosine >= "
+                f"{t.min_cos:g}; {self.seq_len} tokens ({self.prompt})",
+                f"{'point':<24} {'positions':<12} {'max abs diff':>13} {'rel diff':>10} "
+                f"{'cosine':>10}  result"]
+
+    @staticmethod
+    def row_line(r: Row) -> str:
+        return (f"{r.point:<24} {r.positions:<12} {r.max_abs:>13.3e} {r.rel:>10.3e} "
+                f"{r.cos:>10.7f}  {'ok' if r.ok else 'FAIL'}")
+
+    def summary(self) -> str:
         f = self.first_failure
-        lines.append("CHECK PASSED" if f is None else
-                     f"CHECK FAILED: first failing point: {f.point} (positions {f.positions}): "
-                     f"rel {f.rel:.3e}, cosine {f.cos:.7f}")
-        return "\n".join(lines)
+        return ("CHECK PASSED" if f is None else
+                f"CHECK FAILED: first failing point: {f.point} (positions {f.positions}): "
+                f"rel {f.rel:.3e}, cosine {f.cos:.7f}")
+
+    def add(self, point: str, positions: str, stats: tuple) -> Row:
+        max_abs, rel, cos = stats
+        t = self.tolerance
+        row = Row(point, positions, max_abs, rel, cos, rel <= t.rtol and cos >= t.min_cos)
+        self.rows.append(row)
+        return row
+
+    def table(self) -> str:
+        return "\n".join(self.header() + [self.row_line(r) for r in self.rows] + [self.summary()])
 
 
 # ---- prompt --------------------------------------------------------------------------
@@ -203,15 +220,52 @@ def capture_mcore(model, ids: torch.Tensor, vocab: int) -> list:
     return [(n, out[n]) for n, _ in mods] + [("logits", logits[..., :vocab])]
 
 
+class Stats:
+    """Running float64 sums behind one table row, so a point can be compared piece by piece
+    (vocabulary chunks of the logits) with the numbers a one-shot comparison gives:
+    max |test - ref|, ||test - ref||, ||ref||, ||test||, ref . test."""
+    CHUNK = 1 << 22  # elements converted to float64 at a time (32 MiB per operand)
+
+    def __init__(self):
+        self.max_abs, self.diff2, self.ref2, self.test2, self.dot = 0.0, 0.0, 0.0, 0.0, 0.0
+        self.finite = True
+
+    def add(self, ref: torch.Tensor, test: torch.Tensor) -> "Stats":
+        if ref.shape != test.shape:
+            raise ValueError(f"compared shapes differ: {tuple(ref.shape)} vs {tuple(test.shape)}")
+        ref, test = ref.reshape(-1), test.reshape(-1)
+        for i in range(0, ref.numel(), self.CHUNK):
+            a, b = ref[i:i + self.CHUNK].double(), test[i:i + self.CHUNK].double()
+            self.finite &= bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+            d = b - a
+            self.max_abs = max(self.max_abs, d.abs().max().item())
+            self.diff2 += d.square().sum().item()
+            self.ref2 += a.square().sum().item()
+            self.test2 += b.square().sum().item()
+            self.dot += a.dot(b).item()
+        return self
+
+    def result(self) -> tuple:
+        """(max abs diff, relative L2 diff, cosine)."""
+        if not self.finite:
+            return self.max_abs, float("inf"), 0.0
+        rel = self.diff2 ** 0.5 / max(self.ref2 ** 0.5, 1e-30)
+        cos = self.dot / (max(self.ref2 ** 0.5, 1e-30) * max(self.test2 ** 0.5, 1e-30))
+        return self.max_abs, rel, cos
+
+
 def compare(ref: torch.Tensor, test: torch.Tensor) -> tuple:
-    a, b = ref.double().flatten(), test.double().flatten()
-    diff = (b - a)
-    max_abs = diff.abs().max().item() if diff.numel() else 0.0
-    rel = (diff.norm() / a.norm().clamp_min(1e-30)).item()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-30).item()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        rel, cos = float("inf"), 0.0
-    return max_abs, rel, cos
+    return Stats().add(ref, test).result()
+
+
+def position_spans(arch: LlamaArch, seq_len: int) -> list:
+    """[(label, slice of positions)]: all positions, and for llama3 rope scaling those
+    beyond the original context alone."""
+    spans = [(f"0-{seq_len - 1}", slice(None))]
+    orig = _original_context(arch)
+    if orig is not None and seq_len > orig:
+        spans.append((f">={orig}", slice(orig, None)))
+    return spans
 
 
 def parity(hf_model, mcore_model, arch: LlamaArch, precision: str,
@@ -221,17 +275,11 @@ def parity(hf_model, mcore_model, arch: LlamaArch, precision: str,
     tol = tolerance(precision, arch)
     ref = capture_hf(hf_model, ids, arch.vocab_size)
     got = dict(capture_mcore(mcore_model, ids, arch.vocab_size))
-    orig = _original_context(arch)
     res = CheckResult(precision, tol, desc, ids.shape[1])
-    spans = [(f"0-{ids.shape[1] - 1}", slice(None))]
-    if orig is not None and ids.shape[1] > orig:
-        spans.append((f">={orig}", slice(orig, None)))
     for point, r in ref:
         g = got[point]
-        for label, sl in spans:
-            max_abs, rel, cos = compare(r[:, sl], g[:, sl])
-            res.rows.append(Row(point, label, max_abs, rel, cos,
-                                rel <= tol.rtol and cos >= tol.min_cos))
+        for label, sl in position_spans(arch, ids.shape[1]):
+            res.add(point, label, compare(r[:, sl], g[:, sl]))
     return res
 
 
@@ -276,27 +324,14 @@ def hf_config(arch: LlamaArch):
     return LlamaConfig(**{k: v for k, v in arch.to_hf_config().items() if k != "architectures"})
 
 
-def hf_from_state(arch: LlamaArch, state: dict, precision: str):
-    from transformers import LlamaForCausalLM
-
-    from megatron_patch.models.llama.config import DTYPES
-    with torch.device("meta"):
-        model = LlamaForCausalLM(hf_config(arch))
-    model.load_state_dict(state, strict=False, assign=True)
-    if arch.tie_word_embeddings:
-        model.tie_weights()
-    bad = [n for n, p in model.named_parameters() if p.is_meta]
-    if bad:
-        raise KeyError(f"HF state lacks {bad[:4]}")
-    # rope buffers are not in the state dict and were created on meta: rebuild them
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
-    return model.to(DTYPES[precision]).eval()
-
-
 def hf_from_dir(path: str, precision: str):
+    """transformers' model as users load it: weights in ``precision``, rope buffers as
+    transformers keeps them (float32; casting the module would round them too)."""
     from transformers import LlamaForCausalLM
 
     from megatron_patch.models.llama.config import DTYPES
-    model = LlamaForCausalLM.from_pretrained(path, dtype=DTYPES[precision],
-                                             local_files_only=True)
-    return model.to(DTYPES[precision]).eval()  # transformers < 4.56 ignores dtype=
+    dtype = DTYPES[precision]
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if next(model.parameters()).dtype != dtype:  # transformers < 4.56 ignores dtype=
+        model.to(dtype)
+    return model.eval()

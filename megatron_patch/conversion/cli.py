@@ -6,15 +6,23 @@
 MODEL_SIZE: ``auto`` (every shape from config.json) or GENERATION-SIZE (``llama3_1-8B``,
 ``llama2-13B``, ``llama-65B``, ``llama3_1-tiny``...), checked against config.json.
 mg2hf=false: HF -> megatron-core at TP x PP; mg2hf=true: megatron-core (any layout, release
-or iter_N, latest complete) -> HF safetensors. CHECK=true: per-layer parity table, exit 1 on
-failure (TARGET is then not written). CHECK_ONLY=true: the check alone, nothing written.
+or iter_N, latest complete) -> HF safetensors. A SOURCE holding Meta's original files
+(params.json + consolidated.NN.pth + tokenizer.model) is converted straight to megatron-core
+(mg2hf=false) or to HF (mg2hf=true); HF_CKPT_PATH may then name an HF copy as the CHECK
+reference. CHECK=true: per-layer parity table, exit 1 on failure (TARGET is then not
+written). CHECK_ONLY=true: the check alone, nothing written.
 PR: fp32 | bf16 | fp16 (dtype written and checked). HF_CKPT_PATH: config/tokenizer (and, for
 a mg2hf check-only run, reference weights) of the HF model.
 
 Environment: MP_OVERWRITE=1 replaces a non-empty TARGET (only after the new one is complete);
-MP_PP0_LAYERS=N puts N layers on the first pipeline stage; MP_HF_SHARD_SIZE (bytes, or with
+MP_PP0_LAYERS=N puts N layers on the first pipeline stage; MP_VP=N writes N virtual
+pipeline chunks per PP rank (model0..model{N-1} in each rank file, megatron-core's
+interleaved placement); MP_HF_SHARD_SIZE (bytes, or with
 K/M/G suffix, default 4G) bounds HF shard files; MP_CHECK_LONG=0 skips the long llama3-rope
-sequence in CHECK; TQDM_DISABLE=1 hides the progress bar.
+sequence in CHECK; MP_CHECK_LAYERS=0,15,31 checks only those decoder layers, each fed the
+embedding output (faster; default: every layer, chained); MP_CKPT_FORMAT=torch_dist writes
+megatron-core's distributed checkpoint format instead of per-rank files (any layout loads it;
+reading detects the format); TQDM_DISABLE=1 hides the progress bar.
 
 Exit codes: 0 done, 1 CHECK failed, 2 bad input (one line on stderr, TARGET untouched).
 """
@@ -30,6 +38,7 @@ from .errors import UsageError
 USAGE = ("MODEL_SIZE SOURCE_CKPT_PATH TARGET_CKPT_PATH TP PP mg2hf CHECK CHECK_ONLY PR "
          "[HF_CKPT_PATH]")
 PRECISIONS = ("fp32", "bf16", "fp16")
+CKPT_FORMATS = ("torch", "torch_dist")
 
 
 @dataclass
@@ -45,8 +54,11 @@ class Request:
     precision: str
     hf_path: Optional[str]
     pp0_layers: Optional[int] = None
+    vp: Optional[int] = None  # virtual pipeline chunks per PP rank (hf2mcore)
     overwrite: bool = False
     shard_bytes: int = 4 * 2**30
+    check_layers: Optional[list] = None  # None: every layer, chained
+    ckpt_format: str = "torch"  # megatron checkpoint written: torch | torch_dist
 
 
 def _bool(name, v):
@@ -95,6 +107,19 @@ def parse(argv) -> Request:
         if not pp0.isdigit():
             raise UsageError(f"MP_PP0_LAYERS={pp0!r}: must be a number of layers")
         req.pp0_layers = int(pp0)
+    vp = os.environ.get("MP_VP", "")
+    if vp and vp != "1":
+        req.vp = _positive("MP_VP", vp)  # checked against PP and the layers with the model
+    layers = os.environ.get("MP_CHECK_LAYERS", "").strip()
+    if layers and layers != "all":
+        items = layers.split(",")
+        if not all(i.strip().isdigit() for i in items):
+            raise UsageError(f"MP_CHECK_LAYERS={layers!r}: all, or layer numbers separated by "
+                             f"commas (e.g. 0,15,31)")
+        req.check_layers = sorted({int(i) for i in items})
+    req.ckpt_format = os.environ.get("MP_CKPT_FORMAT", "torch") or "torch"
+    if req.ckpt_format not in CKPT_FORMATS:
+        raise UsageError(f"MP_CKPT_FORMAT={req.ckpt_format!r}: choose torch or torch_dist")
     req.overwrite = os.environ.get("MP_OVERWRITE", "0") == "1"
     if os.environ.get("MP_HF_SHARD_SIZE"):
         req.shard_bytes = _size(os.environ["MP_HF_SHARD_SIZE"])
@@ -106,6 +131,10 @@ def main(argv=None) -> int:
     try:
         req = parse(argv)
         from .commands import run_hf2mcore, run_mg2hf
+        from .meta_files import is_meta_checkpoint
+        if os.path.isdir(req.source) and is_meta_checkpoint(req.source):
+            from .meta_commands import run_meta
+            return run_meta(req)
         return run_mg2hf(req) if req.mg2hf else run_hf2mcore(req)
     except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
         if os.environ.get("MP_DEBUG") == "1":

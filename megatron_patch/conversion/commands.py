@@ -12,10 +12,9 @@ from typing import Optional
 
 import torch
 
-from megatron_patch.checkpoint import (begin_save, commit_save, find_checkpoint,
-                                       load_model_state, make_args)
-from megatron_patch.checkpoint.load import (FileSource, MemorySource, checkpoint_arch,
-                                            reshard_state)
+from megatron_patch.checkpoint import (begin_save, checkpoint_state, commit_save,
+                                       find_checkpoint, make_args)
+from megatron_patch.checkpoint.load import checkpoint_arch, open_source
 from megatron_patch.models.llama import mapping
 from megatron_patch.models.llama.arch import LlamaArch
 from megatron_patch.models.llama.parallel_layout import LayoutError, check_layout
@@ -23,36 +22,43 @@ from megatron_patch.models.llama.resolve import (ArchError, arch_differences, re
                                                  resolve_arch)
 
 from .errors import UsageError
-from .hf2mcore import FileSink, MemorySink, hf_to_mcore, validate_hf
+from .hf2dist import hf_to_dist
+from .hf2mcore import FileSink, hf_to_mcore, validate_hf
 from .hf_files import HFCheckpoint, SafetensorsStreamWriter, copy_side_files
-from .mcore2hf import MemoryHFWriter, mcore_to_hf
+from .mcore2hf import mcore_to_hf
 from .target import check_target, make_staging, publish
+from .weights import HFAsMcore, McoreAsHF, SourceWeights
 
 # (not models.llama.config.DTYPES: that module imports megatron-core, which a conversion
 # without CHECK does not need)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _progress() -> bool:
+def progress_bar() -> bool:
     return os.environ.get("TQDM_DISABLE", "") not in ("1", "true", "True")
 
 
-def _layout_checks(arch, tp: int, pp: int, pp0) -> None:
+def layout_checks(arch, tp: int, pp: int, pp0, vp=None) -> None:
     try:
-        check_layout(arch, tp=tp, pp=pp, pp0_layers=pp0)
+        check_layout(arch, tp=tp, pp=pp, vp=vp, pp0_layers=pp0)
     except LayoutError as e:
         raise UsageError(str(e)) from None
 
 
-def _run_check(hf_model, state, arch, precision, tokenizer_dir) -> bool:
-    from . import check  # imports transformers: only when checking
-    model = check.build_mcore(arch, state, precision)
-    result = check.parity(hf_model, model, arch, precision, tokenizer_dir)
-    print(result.table(), flush=True)
+def run_check(ref, test, arch, req, tokenizer_dir) -> bool:
+    """The streamed per-point table (stream_check): ``ref`` HF side, ``test`` megatron side."""
+    from .stream_check import stream_parity  # imports transformers: only when checking
+    if req.check_layers is not None:
+        bad = [i for i in req.check_layers if i >= arch.num_layers]
+        if bad:
+            raise UsageError(f"MP_CHECK_LAYERS: layer {bad[0]} does not exist (the model has "
+                             f"{arch.num_layers} layers, 0-{arch.num_layers - 1})")
+    result = stream_parity(ref, test, arch, req.precision, tokenizer_dir, req.check_layers,
+                           emit=lambda line: print(line, flush=True))
     return result.ok
 
 
-def _staged(req, write, verify) -> int:
+def staged(req, write, verify) -> int:
     """write(staging dir); verify(staging dir) -> bool (CHECK); publish only when both pass."""
     check_target(req)
     staging = make_staging(req.target)
@@ -79,56 +85,65 @@ def run_hf2mcore(req) -> int:
         arch = resolve_arch(req.model_size, hf_config=src if has_cfg else None)
     except ArchError as e:
         raise UsageError(str(e)) from None
-    _layout_checks(arch, req.tp, req.pp, req.pp0_layers)
+    layout_checks(arch, req.tp, req.pp, req.pp0_layers, req.vp)
     hf = HFCheckpoint(src)
+
+    def side_files(staging):  # config.json and the tokenizer files go along
+        cfg = os.path.join(src, "config.json")
+        if os.path.isfile(cfg):
+            shutil.copy2(cfg, os.path.join(staging, "config.json"))
+        else:
+            write_json(os.path.join(staging, "config.json"), hf_config_json(arch, req.precision))
+        copy_side_files(src, staging)
+
     try:
         validate_hf(hf, arch)
-        return _hf2mcore(req, arch, hf)
+        return hf2mcore(req, arch, hf, hf, side_files)
     finally:
         hf.close()
 
 
-def _hf2mcore(req, arch, hf) -> int:
+def hf2mcore(req, arch, reader, ref, side_files) -> int:
+    """``reader`` (HFCheckpoint's interface) -> megatron-core at TP x PP; CHECK compares the
+    result with ``ref`` (HF side); ``side_files(staging)`` adds config and tokenizer files."""
     src, dtype, t0 = req.source, DTYPES[req.precision], time.time()
 
-    def reference_model():
-        from . import check
-        if os.path.isfile(os.path.join(src, "config.json")):
-            return check.hf_from_dir(src, req.precision)
-        names = [n for n, _ in mapping.hf_tensor_plan(arch)]
-        return check.hf_from_state(arch, dict(zip(names, hf.read(names))), req.precision)
-
-    if req.check_only:  # convert in memory at TP x PP, merge back, check; write nothing
-        sink = MemorySink()
-        hf_to_mcore(hf, arch, req.tp, req.pp, dtype, sink, req.pp0_layers, _progress())
-        state = reshard_state(MemorySource(sink.states), arch, 1, 1, 0, 0)[0]
-        return 0 if _run_check(reference_model(), state, arch, req.precision, src) else 1
+    if req.check_only:  # the conversion's tensors at TP, merged back, one at a time
+        test = HFAsMcore(reader, arch, req.tp, dtype)
+        return 0 if run_check(ref, test, arch, req, src) else 1
 
     def write(staging):
         iter_dir = begin_save(staging, "release")
-        args = make_args(arch, req.tp, req.pp, req.precision, pp0_layers=req.pp0_layers)
-        hf_to_mcore(hf, arch, req.tp, req.pp, dtype, FileSink(iter_dir, req.pp, args),
-                    req.pp0_layers, _progress())
-        commit_save(staging, "release")
-        if os.path.isfile(os.path.join(src, "config.json")):
-            shutil.copy2(os.path.join(src, "config.json"), os.path.join(staging, "config.json"))
+        args = make_args(arch, req.tp, req.pp, req.precision, vp=req.vp,
+                         pp0_layers=req.pp0_layers)
+        if req.ckpt_format == "torch_dist":
+            common = checkpoint_state([], "release", args)
+            hf_to_dist(reader, arch, req.tp, dtype, iter_dir, common, progress_bar())
         else:
-            _write_json(os.path.join(staging, "config.json"), _hf_config(arch, req.precision))
-        copy_side_files(src, staging)
+            hf_to_mcore(reader, arch, req.tp, req.pp, dtype,
+                        FileSink(iter_dir, req.pp, args, vp=req.vp), req.pp0_layers,
+                        progress_bar(), vp=req.vp)
+        commit_save(staging, "release")
+        side_files(staging)
 
-    def verify(staging):  # the files just written, merged to TP=1 PP=1, against HF
-        state = load_model_state(staging, 1, 1, 0, 0, arch=arch)[0]
-        return _run_check(reference_model(), state, arch, req.precision, src)
+    def verify(staging):  # the files just written, each tensor merged from its shards
+        source = open_source(find_checkpoint(staging))
+        try:
+            return run_check(ref, SourceWeights(source, arch), arch, req, staging)
+        finally:
+            source.close()
 
-    rc = _staged(req, write, verify)
+    rc = staged(req, write, verify)
     if rc == 0:
-        print(f"hf->mcore: {src} -> {req.target} (release, TP={req.tp} PP={req.pp}, "
-              f"{req.precision}) in {time.time() - t0:.1f} s")
+        layout = "torch_dist" if req.ckpt_format == "torch_dist" else \
+            f"TP={req.tp} PP={req.pp}" + (f" VP={req.vp}" if req.vp else "")
+        print(f"hf->mcore: {src} -> {req.target} (release, {layout}, {req.precision}) in "
+              f"{time.time() - t0:.1f} s")
     return rc
 
 
 # ---- megatron-core -> HF -------------------------------------------------------------------
-def _hf_config(arch, precision: str, template_dir: Optional[str] = None) -> dict:
+def hf_config_json(arch, precision: str, template_dir: Optional[str] = None) -> dict:
     """config.json for the exported model: the template's own (same model) when there is
     one, so every field and its rope settings survive, else one generated from the arch."""
     cfg = None
@@ -147,7 +162,7 @@ def _hf_config(arch, precision: str, template_dir: Optional[str] = None) -> dict
     return cfg
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
@@ -178,7 +193,7 @@ def _mcore_arch(req, ckpt, source) -> LlamaArch:
     return arch
 
 
-def _has_weights(path: Optional[str]) -> bool:
+def has_weights(path: Optional[str]) -> bool:
     if not path:
         return False
     try:
@@ -191,7 +206,7 @@ def _has_weights(path: Optional[str]) -> bool:
 
 def run_mg2hf(req) -> int:
     ckpt = find_checkpoint(req.source)
-    source = FileSource(ckpt)
+    source = open_source(ckpt)
     try:
         return _mg2hf(req, ckpt, source)
     finally:
@@ -204,34 +219,34 @@ def _mg2hf(req, ckpt, source) -> int:
     dtype, t0 = DTYPES[req.precision], time.time()
 
     if req.check_only:  # the checkpoint against HF_CKPT_PATH's weights (else its own export)
-        from . import check
-        if _has_weights(req.hf_path):
-            hf_model = check.hf_from_dir(req.hf_path, req.precision)
-        else:
-            w = MemoryHFWriter(dtype)
-            mcore_to_hf(source, arch, w, _progress())
-            hf_model = check.hf_from_state(arch, w.state, req.precision)
-        state = reshard_state(source, arch, 1, 1, 0, 0)[0]
-        return 0 if _run_check(hf_model, state, arch, req.precision, side_src) else 1
+        ref = HFCheckpoint(req.hf_path) if has_weights(req.hf_path) else McoreAsHF(source, arch)
+        try:
+            ok = run_check(ref, SourceWeights(source, arch), arch, req, side_src)
+        finally:
+            getattr(ref, "close", lambda: None)()
+        return 0 if ok else 1
 
     files = []
 
     def write(staging):
         writer = SafetensorsStreamWriter(staging, mapping.hf_tensor_plan(arch), dtype,
                                          req.shard_bytes)
-        mcore_to_hf(source, arch, writer, _progress())
+        mcore_to_hf(source, arch, writer, progress_bar())
         files.extend(writer.close())
-        _write_json(os.path.join(staging, "config.json"), _hf_config(arch, req.precision, side_src))
+        write_json(os.path.join(staging, "config.json"),
+                   hf_config_json(arch, req.precision, side_src))
         copy_side_files(side_src, staging)
 
-    def verify(staging):  # the exported HF model against the megatron checkpoint
-        from . import check
-        state = reshard_state(source, arch, 1, 1, 0, 0)[0]
-        return _run_check(check.hf_from_dir(staging, req.precision), state, arch,
-                          req.precision, staging)
+    def verify(staging):  # the exported HF files against the megatron checkpoint
+        ref = HFCheckpoint(staging)
+        try:
+            return run_check(ref, SourceWeights(source, arch), arch, req, staging)
+        finally:
+            ref.close()
 
-    rc = _staged(req, write, verify)
+    rc = staged(req, write, verify)
     if rc == 0:
-        print(f"mcore->hf: {ckpt.path} (TP={ckpt.tp} PP={ckpt.pp}) -> {req.target} "
+        layout = "torch_dist" if ckpt.format == "torch_dist" else f"TP={ckpt.tp} PP={ckpt.pp}"
+        print(f"mcore->hf: {ckpt.path} ({layout}) -> {req.target} "
               f"({len(files)} safetensors files, {req.precision}) in {time.time() - t0:.1f} s")
     return rc

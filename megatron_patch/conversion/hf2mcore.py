@@ -40,28 +40,35 @@ _EXTRA_STATE = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.
                 "mlp.linear_fc2")
 
 
-def stage_plan(arch: LlamaArch, pp: int, pp0_layers: Optional[int] = None) -> list:
-    """[(pp_rank, [(mcore name, rule, global layer)], [extra-state names])] in megatron-core
-    state-dict order."""
+def stage_plan(arch: LlamaArch, pp: int, pp0_layers: Optional[int] = None,
+               vp: Optional[int] = None) -> list:
+    """[(pp_rank, [(chunk, mcore name, rule, global layer)], [(chunk, extra-state names)])]
+    in megatron-core state-dict order; chunk = virtual pipeline stage (0 without VP)."""
     out = []
     for p in range(pp):
-        ((layers, first, last),) = chunk_layout(arch.num_layers, pp, p, None, pp0_layers)
-        rules = stage_rules(arch, first, last)
-        items = [(r.mcore, r, None) for r in rules if r.stage == "first"]
-        for j, i in enumerate(layers):
-            items += [(r.mcore.format(i=j), r, i) for r in rules if r.stage == "layer"]
-        items += [(r.mcore, r, None) for r in rules if r.stage == "last"]
-        extra = [f"decoder.layers.{j}.{m}._extra_state" for j in range(len(layers))
-                 for m in _EXTRA_STATE] + (["output_layer._extra_state"] if last else [])
+        items, extra = [], []
+        for v, (layers, first, last) in enumerate(chunk_layout(arch.num_layers, pp, p, vp,
+                                                               pp0_layers)):
+            rules = stage_rules(arch, first, last)
+            items += [(v, r.mcore, r, None) for r in rules if r.stage == "first"]
+            for j, i in enumerate(layers):
+                items += [(v, r.mcore.format(i=j), r, i) for r in rules if r.stage == "layer"]
+            items += [(v, r.mcore, r, None) for r in rules if r.stage == "last"]
+            extra.append((v, [f"decoder.layers.{j}.{m}._extra_state"
+                              for j in range(len(layers)) for m in _EXTRA_STATE]
+                          + (["output_layer._extra_state"] if last else [])))
         out.append((p, items, extra))
     return out
 
 
 class FileSink:
-    """Rank files of one iteration directory, written with StreamingTorchWriter."""
+    """Rank files of one iteration directory, written with StreamingTorchWriter; with
+    virtual pipeline a file holds one state dict per chunk (model0, model1, ...)."""
 
-    def __init__(self, iter_dir: str, pp: int, args, iteration="release"):
+    def __init__(self, iter_dir: str, pp: int, args, iteration="release",
+                 vp: Optional[int] = None):
         self.iter_dir, self.pp, self.args, self.iteration = iter_dir, pp, args, iteration
+        self.chunks = vp or 1
 
     def open(self, tp_rank: int, pp_rank: int):
         path = checkpoint_file(self.iter_dir, tp_rank, pp_rank, self.pp)
@@ -72,62 +79,36 @@ class FileSink:
 class _FileRank:
     def __init__(self, path, sink):
         self.writer = StreamingTorchWriter(path)
-        self.model = collections.OrderedDict()
+        self.models = [collections.OrderedDict() for _ in range(sink.chunks)]
         self.sink = sink
 
-    def add(self, name, tensor):
-        self.model[name] = self.writer.add(tensor)
+    def add(self, chunk, name, tensor):
+        self.models[chunk][name] = self.writer.add(tensor)
 
-    def add_bytes(self, name, dtype, shape, source):
-        self.model[name] = self.writer.add_bytes(dtype, shape, source)
+    def add_bytes(self, chunk, name, dtype, shape, source):
+        self.models[chunk][name] = self.writer.add_bytes(dtype, shape, source)
 
-    def add_extra_state(self, names):
-        self.model.update((n, None) for n in names)
-
-    def close(self):
-        self.writer.close(checkpoint_state([self.model], self.sink.iteration, self.sink.args))
-
-
-class MemorySink:
-    """Collects {(tp_rank, pp_rank): [state dict]} (CHECK_ONLY and tests)."""
-    byte_copy = False
-
-    def __init__(self):
-        self.states = {}
-
-    def open(self, tp_rank, pp_rank):
-        sd = self.states.setdefault((tp_rank, pp_rank), [collections.OrderedDict()])[0]
-        return _MemoryRank(sd)
-
-
-class _MemoryRank:
-    def __init__(self, sd):
-        self.sd = sd
-
-    def add(self, name, tensor):
-        self.sd[name] = tensor.clone()
-
-    def add_extra_state(self, names):
-        pass
+    def add_extra_state(self, chunk, names):
+        self.models[chunk].update((n, None) for n in names)
 
     def close(self):
-        pass
+        self.writer.close(checkpoint_state(self.models, self.sink.iteration, self.sink.args))
 
 
 def hf_to_mcore(hf: HFCheckpoint, arch: LlamaArch, tp: int, pp: int, dtype: torch.dtype,
                 sink, pp0_layers: Optional[int] = None, progress: bool = True,
-                byte_copy: bool = True) -> None:
+                byte_copy: bool = True, vp: Optional[int] = None) -> None:
     check_layout(arch, tp=tp)
-    plan = stage_plan(arch, pp, pp0_layers)
+    plan = stage_plan(arch, pp, pp0_layers, vp)
     padded = arch.padded_vocab_size(tp)
     byte_copy = byte_copy and getattr(sink, "byte_copy", True)
-    total = sum(hf.nbytes(n) for _, items, _ in plan for _, rule, layer in items
+    total = sum(hf.nbytes(n) for _, items, _ in plan for _, _, rule, layer in items
                 for n in mapping.hf_names(rule, layer))
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"hf->mcore TP={tp} PP={pp}",
               disable=not progress, dynamic_ncols=True) as bar:
         for p, items, extra in plan:
             ranks = [sink.open(t, p) for t in range(tp)]
-            for name, rule, layer in items:
+            for chunk, name, rule, layer in items:
                 names = mapping.hf_names(rule, layer)
 
                 def to_ranks(parts, rule=rule):
@@ -138,14 +119,15 @@ def hf_to_mcore(hf: HFCheckpoint, arch: LlamaArch, tp: int, pp: int, dtype: torc
                     if byte_copy else None
                 if plans is not None:  # bytes copied from the HF files, no tensor math
                     for rank, (shape, plan) in zip(ranks, plans):
-                        rank.add_bytes(name, dtype, shape, plan)
+                        rank.add_bytes(chunk, name, dtype, shape, plan)
                     del plans
                 else:
                     shards = to_ranks([t.to(dtype) for t in hf.read(names)])
                     for rank, shard in zip(ranks, shards):
-                        rank.add(name, shard)
+                        rank.add(chunk, name, shard)
                     del shards
                 bar.update(sum(hf.nbytes(n) for n in names))
             for rank in ranks:  # the stage's files are complete now
-                rank.add_extra_state(extra)
+                for chunk, names in extra:
+                    rank.add_extra_state(chunk, names)
                 rank.close()

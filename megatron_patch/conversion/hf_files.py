@@ -91,8 +91,8 @@ class HFCheckpoint:
                 self.files.update({k: os.path.join(p, n) for k in sd})
             return "bin"
         if any(n.startswith("consolidated.") for n in names):
-            raise FileNotFoundError(f"{p}: Meta's original consolidated.*.pth format; convert it "
-                                    f"to HF format first (transformers' convert_llama_weights_to_hf)")
+            raise FileNotFoundError(f"{p}: consolidated.*.pth files but no params.json; a Meta "
+                                    f"checkpoint folder is read with its params.json")
         raise FileNotFoundError(f"{p}: no model weights (*.safetensors or pytorch_model*.bin)")
 
     def _add_safetensors(self, file: str) -> None:
@@ -166,6 +166,16 @@ class HFCheckpoint:
                 for n in group:
                     out[n] = sd[n].clone()
         return [out[n] for n in names]
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor ``name`` (safetensors: only those rows are read)."""
+        if name not in self.files:
+            raise KeyError(f"{self.path}: tensor {name} not found")
+        if self.format == "safetensors":
+            from safetensors import safe_open
+            with safe_open(self.files[name], framework="pt", device="cpu") as f:
+                return f.get_slice(name)[start:stop]
+        return self._load_bin(self.files[name])[name][start:stop].clone()
 
 
 class SafetensorsStreamWriter:

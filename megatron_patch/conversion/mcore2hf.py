@@ -3,7 +3,6 @@ whole rows of the saved shards are copied file-to-file (rowcopy), the others mer
 their TP shards one full tensor at a time."""
 from __future__ import annotations
 
-import torch
 from tqdm import tqdm
 
 from megatron_patch.checkpoint.load import StateSource, merge_full, saved_layout, source_shards
@@ -20,16 +19,6 @@ def _located(x):
         return None
     loc = x.file.location(x)
     return None if loc is None else Located(loc[0], loc[1], x.dtype, tuple(x.shape))
-
-
-class MemoryHFWriter:
-    byte_copy = False
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.state = dtype, {}
-
-    def write(self, name, tensor):
-        self.state[name] = tensor.to(self.dtype).clone()
 
 
 def mcore_to_hf(source: StateSource, arch: LlamaArch, writer, progress: bool = True,

@@ -18,9 +18,11 @@ megatron's convention:
 Samples longer than seq_len + 1 tokens are truncated; a sample left without any answer
 token is dropped (counted in ``self.skipped``). ``packing=True`` concatenates consecutive
 samples up to seq_len + 1 tokens per item and then also returns ``position_ids`` (restarting
-at 0 for each sample) and ``segment_ids`` (the sample of each position): the training step
-turns them into a block-diagonal causal attention mask, so a packed sample sees exactly
-what it would see alone.
+at 0 for each sample) and ``cu_seqlens`` (int32 [n + 1]: where each of the item's n
+segments starts, then seq_len; the padding after the last sample is a segment of its own):
+the training step hands them to megatron-core as PackedSeqParams (THD), so attention and
+rotary positions restart at every sample and a packed sample sees exactly what it would see
+alone -- in memory linear in seq_len (no [s, s] mask).
 """
 from __future__ import annotations
 
@@ -159,13 +161,19 @@ class SFTDataset(torch.utils.data.Dataset):
         input_ids, targets = make_item(ids, labels, self.seq_len, self.pad_id)
         item = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(targets)}
         if self.packing:
-            # per-sample positions and segment ids, so attention stays inside each sample
-            seg = np.concatenate([np.full(len(p[0]), k, dtype=np.int64) for k, p in enumerate(parts)])
-            pos = np.concatenate([np.arange(len(p[0]), dtype=np.int64) for p in parts])
-            n = min(len(seg), self.seq_len)
-            segment_ids = np.full(self.seq_len, len(parts), dtype=np.int64)  # padding: own segment
-            position_ids = np.arange(self.seq_len, dtype=np.int64)
-            segment_ids[:n], position_ids[:n] = seg[:n], pos[:n]
-            item["segment_ids"] = torch.from_numpy(segment_ids)
-            item["position_ids"] = torch.from_numpy(position_ids)
+            item.update(pack_boundaries([len(p[0]) for p in parts], self.seq_len))
         return item
+
+
+def pack_boundaries(lengths: List[int], seq_len: int) -> Dict[str, torch.Tensor]:
+    """The samples of one packed row, by their lengths (the last may run past seq_len):
+    ``cu_seqlens`` (int32, segment starts then seq_len; padding is a segment of its own)
+    and ``position_ids`` (restarting at 0 for every segment)."""
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    bounds = np.unique(np.minimum(starts, seq_len))  # sorted; drops samples cut off whole
+    if bounds[-1] < seq_len:
+        bounds = np.append(bounds, seq_len)
+    position_ids = np.arange(seq_len, dtype=np.int64)
+    position_ids -= np.repeat(bounds[:-1], np.diff(bounds))
+    return {"cu_seqlens": torch.from_numpy(bounds.astype(np.int32)),
+            "position_ids": torch.from_numpy(position_ids)}

@@ -24,10 +24,12 @@ VOCAB_SIZE = 512
 
 
 def _corpus() -> list:
-    here = os.path.dirname(os.path.abspath(__file__))
-    bundled = os.path.join(here, "..", "..", "LM-Evaluation-Harness", "tasks", "mp_tiny_mmlu")
+    from megatron_patch.evaluation.task_data import BUNDLED_DIR  # the bundled task's CSVs
     lines = []
-    for path in sorted(glob.glob(os.path.join(bundled, "data", "*", "*.csv"))):
+    paths = sorted(glob.glob(os.path.join(BUNDLED_DIR, "*", "*.csv")))
+    if not paths:
+        raise FileNotFoundError(f"{BUNDLED_DIR}: the bundled task's CSV files are missing")
+    for path in paths:
         with open(path, encoding="utf-8") as f:
             lines += f.read().splitlines()
     lines += [

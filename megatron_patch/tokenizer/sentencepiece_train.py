@@ -65,20 +65,25 @@ def train_sentencepiece_tokenizer(dest: str, text_iter: Iterable[str], vocab_siz
     with open(os.path.join(dest, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
 
+    write_llama_spm_hf_files(dest, model_max_length, template)
+    return dest
+
+
+def write_llama_spm_hf_files(dest: str, model_max_length: int = 4096,
+                             chat_template: Optional[str] = None) -> None:
+    """Next to a LLaMA-1/2 sentencepiece ``dest/tokenizer.model``: tokenizer_config.json and
+    special_tokens_map.json as in Meta's HF repositories, and tokenizer.json converted once
+    (transformers converts on every load otherwise, ~seconds)."""
     config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
               "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
               "legacy": False, "clean_up_tokenization_spaces": False,
               "model_max_length": model_max_length}
-    if template is not None:
-        config["chat_template"] = template
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     with open(os.path.join(dest, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(dest, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f, indent=2)
-
-    # Convert the sentencepiece model once (transformers does it on load, ~seconds) and keep
-    # the result, so later loads read tokenizer.json directly.
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(dest, local_files_only=True)
     hf.backend_tokenizer.save(os.path.join(dest, "tokenizer.json"))
-    return dest

@@ -74,6 +74,17 @@ def _float(name, value, positive=True):
     return x
 
 
+def env_fraction(env, name):
+    """A number in [0, 1] from the environment, or None when unset."""
+    v = env.get(name, "")
+    if v == "":
+        return None
+    x = _float(name, v, positive=False)
+    if x > 1:
+        raise _err(name, v, "must be a fraction between 0 and 1")
+    return x
+
+
 def env_int(env, name, default, minimum=1):
     v = env.get(name, "")
     return default if v == "" else _int(name, v, minimum)
@@ -223,29 +234,49 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     tokenizer = env.get("MP_TOKENIZER") or None
     kill_save = env_int(env, "MP_TEST_KILL_IN_SAVE", None)
     resume_from = env.get("MP_RESUME_FROM") or None
+    offload_fraction = env_fraction(env, "MP_OFFLOAD_FRACTION")
+    ckpt_format = _choice("MP_CKPT_FORMAT", env.get("MP_CKPT_FORMAT", "") or "torch",
+                          ("torch", "torch_dist"))
 
     # features that are refused rather than ignored
     if pr == "fp8" and not (_importable("transformer_engine") or _importable("torchao")):
         # the trainer's backend checks the rest (GPU generation; TE vs torchao; never bf16)
         raise ConfigError("PR='fp8' needs Transformer Engine or torchao and neither is "
                           "installed (pip install 'torchao==0.18.*'); use bf16")
-    if cp > 1:
-        raise ConfigError(f"CP={cp} is not supported on this backend yet: context parallelism "
-                          "needs Transformer Engine attention; use CP=1")
-    if ac == "offload":
-        raise ConfigError("AC='offload' is not supported on this backend yet (activation "
-                          "offloading needs Transformer Engine); allowed: sel|full|false")
-    if offload != "false":
-        raise ConfigError(f"OPTIMIZER_OFFLOAD={offload!r} is not supported on this backend yet "
-                          "(needs Transformer Engine's precision-aware optimizer); use false")
+    cp_comm = env.get("MP_CP_COMM_TYPE", "") or "p2p"
+    _choice("MP_CP_COMM_TYPE", cp_comm, ("p2p", "all_gather", "a2a"))
+    if cp > 1 and sft and packing:
+        raise ConfigError(f"MP_SFT_PACKING='true' is not supported with CP={cp}: packed "
+                          "samples are not split over context-parallel ranks; "
+                          "use MP_SFT_PACKING=false or CP=1")
+    if cp > 1 and env.get("MP_CP_COMM_TYPE") and not _importable("transformer_engine"):
+        notes.append(f"MP_CP_COMM_TYPE={cp_comm} applies to Transformer Engine's attention "
+                     "(not installed): K/V are all-gathered over the CP group")
+    elif cp == 1 and env.get("MP_CP_COMM_TYPE"):
+        notes.append("MP_CP_COMM_TYPE applies to CP > 1 only")
+    if offload != "false" and not do:
+        # megatron-core's optimizer offload sits on the distributed optimizer (Pai's launcher
+        # switches it on the same way)
+        notes.append(f"OPTIMIZER_OFFLOAD={offload} needs the distributed optimizer: DO=true")
+        do = True
+        a["DO"] = "true"
+    if offload != "false" and ckpt_format == "torch_dist":
+        # HybridDeviceOptimizer keeps Adam's state in sub-optimizers that megatron-core's
+        # sharded optimizer state does not describe; the per-rank files save and reshard it
+        raise ConfigError(f"MP_CKPT_FORMAT=torch_dist with OPTIMIZER_OFFLOAD={offload} is not "
+                          "supported: use MP_CKPT_FORMAT=torch (the default) for offloaded runs")
+    if offload_fraction is not None and offload != "static":
+        notes.append(f"MP_OFFLOAD_FRACTION={offload_fraction:g} only applies to "
+                     f"OPTIMIZER_OFFLOAD=static; OPTIMIZER_OFFLOAD={offload}")
+        offload_fraction = None
     if sp and tp == 1:
         notes.append("SP=true has no effect with TP=1 (sequence parallelism splits "
                      "activations over the TP group); running without it")
         sp = False
     if vp == 1:
         vp = None
-    if ac != "full" and env.get("MP_AC_LAYERS"):
-        notes.append(f"MP_AC_LAYERS={ac_layers} only applies to AC=full; AC={ac}")
+    if ac not in ("full", "offload") and env.get("MP_AC_LAYERS"):
+        notes.append(f"MP_AC_LAYERS={ac_layers} only applies to AC=full|offload; AC={ac}")
     if fl:
         notes.append("FL=true: attention runs through torch scaled_dot_product_attention "
                      "(flash/cuDNN kernels on CUDA; Transformer Engine flash attention when TE "
@@ -311,12 +342,12 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     cfg = TrainConfig(
         env=env_name,
         model=ModelConfig(generation=generation, size=size, flash_attn=fl),
-        parallel=ParallelConfig(tp=tp, pp=pp, cp=cp, sequence_parallel=sp, vp=vp,
-                                pp0_layers=pp0),
+        parallel=ParallelConfig(tp=tp, pp=pp, cp=cp, cp_comm_type=cp_comm,
+                                sequence_parallel=sp, vp=vp, pp0_layers=pp0),
         precision=PrecisionConfig(dtype=pr),
         optim=OptimizerConfig(lr=lr, min_lr=min_lr, train_iters=train_iters,
                               warmup_iters=warmup_iters, distributed_optimizer=do,
-                              offload=offload),
+                              offload=offload, offload_fraction=offload_fraction),
         memory=MemoryConfig(recompute=None if ac == "false" else ac,
                             recompute_num_layers=ac_layers),
         data=DataConfig(micro_batch_size=mbs, global_batch_size=gbs, seq_len=seq_len,
@@ -324,7 +355,8 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
                         dataset_type=dataset_type, sft_packing=packing, tokenizer=tokenizer,
                         split=split, train_tokens=train_tokens),
         checkpoint=CheckpointConfig(load=ckpt, save_interval=save_interval, output_base=out,
-                                    kill_in_save_iter=kill_save, resume_from=resume_from),
+                                    kill_in_save_iter=kill_save, resume_from=resume_from,
+                                    format=ckpt_format),
         seed=seed, eval_interval=eval_interval, eval_iters=eval_iters, notes=notes,
         max_nan_iters=max_nan, nan_window=nan_window,
         timestamp=timestamp or time.strftime("%Y.%m.%d-%H.%M.%S"),
@@ -384,7 +416,7 @@ def check_model_shape(cfg: TrainConfig, arch=None, world_size: Optional[int] = N
                           what=what, seq_name="PAD_LEN" if cfg.data.sft else "SEQ_LEN")
     except LayoutError as e:
         raise ConfigError(str(e)) from None
-    if cfg.memory.recompute == "full":
+    if cfg.memory.recompute in ("full", "offload"):
         per_stage = min(stage_layer_counts(arch.num_layers, p.pp, p.vp, p.pp0_layers))
         if cfg.memory.recompute_num_layers > per_stage:
             raise _err("MP_AC_LAYERS", cfg.memory.recompute_num_layers,

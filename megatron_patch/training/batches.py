@@ -7,7 +7,8 @@ for any DP size, so TP/PP/DP layouts see the same data, and a restart at ``c`` c
 exactly where the run stopped.
 
 Batches are dicts of [b, s] tensors: tokens, labels (valid ids), loss_mask (float),
-position_ids — what ``forward_step`` reads.
+position_ids — what ``forward_step`` reads; packed SFT adds the THD boundaries of the
+micro-batch (``cu_seqlens``, ``max_seqlen``: training/packed_seq.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from megatron_patch.data.sft_encode import IGNORE_INDEX
+from megatron_patch.training import packed_seq
 
 
 class CyclicShuffled:
@@ -52,8 +54,8 @@ def sft_sample(item: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
               "position_ids": torch.arange(ids.numel(), dtype=torch.long)}
     if "position_ids" in item:
         sample["position_ids"] = torch.as_tensor(item["position_ids"]).long()
-    if "segment_ids" in item:  # packed samples: forward_step masks attention across them
-        sample["segment_ids"] = torch.as_tensor(item["segment_ids"]).long()
+    if "cu_seqlens" in item:  # packed samples: attention restarts at each (packed_seq.py)
+        sample["cu_seqlens"] = torch.as_tensor(item["cu_seqlens"])
     return sample
 
 
@@ -63,7 +65,11 @@ def pretrain_sample(item: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "cu_seqlens"}
+    if "cu_seqlens" in samples[0]:
+        batch.update(packed_seq.merge_rows([s["cu_seqlens"] for s in samples],
+                                           samples[0]["tokens"].numel()))
+    return batch
 
 
 class MicroBatches:

@@ -26,6 +26,15 @@ A checkpoint of another layout (TP/PP/VP/first-stage split, DO on/off; MP_RESUME
 resumes too: weights through the checkpoint reader, Adam's state through
 optimizer_reshard.py; the RNG state then stays this run's (its model-parallel streams belong
 to ranks that no longer exist -- Megatron-LM drops it after a TP/PP change as well).
+
+With OPTIMIZER_OFFLOAD the distributed optimizer's inner optimizer is megatron-core's
+HybridDeviceOptimizer: Adam's state lives in its sub-optimizers (host and device), keyed by
+their own copies of the parameters. It saves in the same files and format (so a run may
+resume with the switch on or off), its parameter groups without the optimizer classes
+megatron-core keeps in them (a checkpoint holds tensors and plain values only). Loading goes
+through the model-space route of optimizer_reshard.py, which copies into the live tensors
+in place: megatron-core's own load path replaces them (and first takes a step with random
+gradients to create them), which leaves the host copies stale.
 """
 from __future__ import annotations
 
@@ -86,6 +95,12 @@ def _is_distributed(opt) -> bool:
     return isinstance(opt, DistributedOptimizer)
 
 
+def _is_hybrid(opt) -> bool:
+    """OPTIMIZER_OFFLOAD: the distributed optimizer steps through HybridDeviceOptimizer."""
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+    return isinstance(getattr(opt, "optimizer", None), HybridDeviceOptimizer)
+
+
 def _adam_step(opt) -> Optional[float]:
     """The torch Adam step count of one megatron optimizer (None before the first step)."""
     steps = {float(s["step"]) for s in opt.optimizer.state.values() if "step" in s}
@@ -101,13 +116,23 @@ def _materialize_adam_state(opt) -> None:
     Adam would create itself, so later updates are unchanged; the distributed optimizer
     cannot save or load its parameter state without it."""
     inner = opt.optimizer
-    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-        return
-    for group in inner.param_groups:
+    if _is_hybrid(opt):  # the state lives in the sub-optimizers; the hybrid one mirrors it
+        for sub in inner.sub_optimizers:
+            _zero_adam_state(sub)
+        inner._sync_sub_optimizers_state_to_hdo()
+    elif isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        _zero_adam_state(inner)
+
+
+def _zero_adam_state(adam) -> None:
+    for group in adam.param_groups:
+        # fused/capturable Adam keeps its step next to the parameter, the others on the host
+        on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
-            if not inner.state.get(p):
-                inner.state[p] = {
-                    "step": torch.tensor(0.0, dtype=torch.float32),
+            if not adam.state.get(p):
+                adam.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32,
+                                         device=p.device if on_device else "cpu"),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
@@ -122,8 +147,20 @@ def optimizer_state_dict(optimizer) -> dict:
             # successful step) and its parameter-state gather needs exp_avg/exp_avg_sq
             _materialize_adam_state(opt)
         steps.append(_adam_step(opt))
-        out.append(opt.state_dict())
+        sd = opt.state_dict()
+        if _is_hybrid(opt):
+            _drop_classes(sd)
+        out.append(sd)
     return {"optimizers": out, "adam_steps": steps}
+
+
+def _drop_classes(state_dict: dict) -> None:
+    """HybridDeviceOptimizer keeps its optimizer classes in every parameter group (its
+    constructor defaults): not checkpoint material, and a class makes the file unloadable
+    with weights_only. They come from the run's configuration on resume."""
+    for group in state_dict.get("optimizer", {}).get("param_groups", []):
+        for key in [k for k, v in group.items() if isinstance(v, type)]:
+            del group[key]
 
 
 @torch.no_grad()  # main params may be views of the model's leaf params (fp32 + DO)
@@ -203,6 +240,39 @@ def count_nonfinite_weights(chunks) -> int:
     return int(t.item())
 
 
+def _training_args(run, iteration: int):
+    """The ``args`` Namespace of a training checkpoint (Megatron-LM's names)."""
+    cfg, counters, par = run.cfg, run.counters(), run.cfg.parallel
+    return ckpt_lib.make_args(
+        run.arch, par.tp, par.pp, cfg.precision.dtype, par.vp, par.pp0_layers,
+        iteration=iteration, consumed_train_samples=counters["consumed_train_samples"],
+        consumed_valid_samples=counters["consumed_valid_samples"],
+        train_iters=cfg.optim.train_iters, micro_batch_size=cfg.data.micro_batch_size,
+        global_batch_size=cfg.data.global_batch_size, seq_length=cfg.data.seq_len,
+        lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+        use_distributed_optimizer=cfg.optim.distributed_optimizer,
+        sequence_parallel=par.sequence_parallel, seed=cfg.seed)
+
+
+def _save_dist_checkpoint(run, iteration: int) -> str:
+    """MP_CKPT_FORMAT=torch_dist: megatron-core dist_checkpointing (model, optimizer, and
+    the state every rank shares; each DP rank's RNG state gathered), staged and renamed
+    like the per-rank format, then the companions."""
+    from megatron_patch.checkpoint import dist_format
+    counters = run.counters()
+    common = {"args": _training_args(run, iteration), "iteration": iteration,
+              "opt_param_scheduler": run.scheduler.state_dict(),
+              "num_floating_point_operations_so_far": counters["flops"],
+              "megatron_patch": {**counters, "config": run.cfg.to_dict()}}
+    final = dist_format.save_training_checkpoint(run.cfg.checkpoint_dir, iteration, run.chunks,
+                                                 run.optimizer, common=common,
+                                                 rank_state=rng_state())
+    if dist.get_rank() == 0:
+        write_companions(run)
+    dist.barrier()
+    return final
+
+
 def save_checkpoint(run, iteration: int) -> str:
     """Collective: every rank calls it. Returns the final iteration directory. Weights with
     NaN/Inf are never written: training stops instead (TrainingStopped)."""
@@ -212,6 +282,8 @@ def save_checkpoint(run, iteration: int) -> str:
         raise TrainingStopped(f"the weights hold {bad} NaN/Inf values at iteration {iteration}"
                               f" (fp16 overflow or a too-high LR={cfg.optim.lr:g}); checkpoint "
                               f"not written, stopping")
+    if cfg.checkpoint.format == ckpt_lib.DIST_FORMAT:
+        return _save_dist_checkpoint(run, iteration)
     root = cfg.checkpoint_dir
     rank = dist.get_rank()
     if rank == 0:
@@ -220,7 +292,9 @@ def save_checkpoint(run, iteration: int) -> str:
     dist.barrier()
     staging = ckpt_lib.staging_dir(root, iteration)
     rank_file = _rank_file(staging)
-    dp_rank = ps.get_data_parallel_rank()
+    # one writer per (TP, PP) rank: context-parallel ranks hold the same parameters and
+    # optimizer state (CP does not change the checkpoint layout)
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     if dp_rank == 0:
         os.makedirs(os.path.dirname(rank_file), exist_ok=True)
     # RNG state of every DP rank (Megatron-LM keeps a list indexed by DP rank)
@@ -238,18 +312,9 @@ def save_checkpoint(run, iteration: int) -> str:
                 if opt.data_parallel_group.rank() == 0:
                     torch.save(state, f)
     if dp_rank == 0:
-        counters, par = run.counters(), cfg.parallel
-        args = ckpt_lib.make_args(
-            run.arch, par.tp, par.pp, cfg.precision.dtype, par.vp, par.pp0_layers,
-            iteration=iteration, consumed_train_samples=counters["consumed_train_samples"],
-            consumed_valid_samples=counters["consumed_valid_samples"],
-            train_iters=cfg.optim.train_iters, micro_batch_size=cfg.data.micro_batch_size,
-            global_batch_size=cfg.data.global_batch_size, seq_length=cfg.data.seq_len,
-            lr=cfg.optim.lr,
-            min_lr=cfg.optim.min_lr, use_distributed_optimizer=cfg.optim.distributed_optimizer,
-            sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.seed)
+        counters = run.counters()
         state = ckpt_lib.checkpoint_state(
-            _model_states(run.chunks), iteration, args,
+            _model_states(run.chunks), iteration, _training_args(run, iteration),
             optimizer=opt_state, opt_param_scheduler=run.scheduler.state_dict(),
             rng_state=rngs, num_floating_point_operations_so_far=counters["flops"],
             megatron_patch={**counters, "config": cfg.to_dict(),
@@ -347,7 +412,8 @@ def load_resume_state(run, found) -> tuple:
     by ``restore_training_state`` once it exists)."""
     ckpt_lib.load_model_shards(found.root, run.chunks, arch=run.arch,
                                iteration=found.iteration)
-    if _saved_layout(found) == _run_layout(run.cfg):
+    # the offloaded optimizer loads through the model-space route (module docstring)
+    if _saved_layout(found) == _run_layout(run.cfg) and run.cfg.optim.offload == "false":
         f = found.file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
         return ckpt_lib.load_rank_file(f, mmap=False), f
     # another layout: counters, scheduler and Adam's step are the same in every rank file
@@ -375,6 +441,19 @@ def restore_training_state(run, state: dict, source) -> None:
     if rngs:
         dp_rank = ps.get_data_parallel_rank()
         set_rng_state(rngs[dp_rank] if dp_rank < len(rngs) else rngs[0])
+
+
+def restore_dist_training_state(run, found) -> dict:
+    """A torch_dist checkpoint (any TP/PP/DP it was saved with): model, optimizer,
+    scheduler, and -- in the same layout -- this DP rank's RNG state. Returns the common
+    state (iteration, megatron_patch counters) for the caller's counters."""
+    from megatron_patch.checkpoint import dist_format
+    common = dist_format.load_training_checkpoint(found.root, run.chunks, run.optimizer,
+                                                  iteration=found.iteration)
+    run.scheduler.load_state_dict(common["opt_param_scheduler"])
+    if common.get("rank_state") is not None:
+        set_rng_state(common["rank_state"])
+    return common
 
 
 def _restore_resharded_optimizer(run, state: dict, found) -> None:

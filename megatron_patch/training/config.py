@@ -31,7 +31,10 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1                       # TP: tensor-parallel size
     pp: int = 1                       # PP: pipeline-parallel size
-    cp: int = 1                       # CP: context-parallel size
+    cp: int = 1                       # CP: context-parallel size (each sequence split over CP
+                                      # ranks in 2 x CP chunks; docs/context-parallel.md)
+    cp_comm_type: str = "p2p"         # MP_CP_COMM_TYPE: p2p | all_gather | a2a, Transformer
+                                      # Engine's CP exchange (without TE: K/V all-gather)
     sequence_parallel: bool = False   # SP: split activations over the TP group
     vp: Optional[int] = None          # MP_VP: virtual pipeline stages per PP rank
     pp0_layers: Optional[int] = None  # MP_PP0_LAYERS: layers on the first pipeline stage
@@ -54,7 +57,10 @@ class OptimizerConfig:
     train_iters: int = 1              # TRAIN_TOKENS_OR_ITERS (pretraining: tokens / (GBS x SEQ_LEN))
     warmup_iters: int = 0             # WARMUP_TOKENS_OR_ITERS, same units
     distributed_optimizer: bool = False  # DO: shard optimizer state over data-parallel ranks
-    offload: str = "false"            # OPTIMIZER_OFFLOAD: false | static | auto
+    offload: str = "false"            # OPTIMIZER_OFFLOAD: false | static | auto (DO forced on)
+    # MP_OFFLOAD_FRACTION: share of the Adam state stepped on the host with static (None:
+    # 1.0); auto plans it at start-up from the device's free memory
+    offload_fraction: Optional[float] = None
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
@@ -68,8 +74,11 @@ class OptimizerConfig:
 
 @dataclass
 class MemoryConfig:
-    recompute: Optional[str] = None   # AC: sel | full | offload | None (false)
-    recompute_num_layers: int = 1     # MP_AC_LAYERS: layers AC=full/offload applies to
+    # AC: sel | full | offload (activations to host memory) | None (false)
+    recompute: Optional[str] = None
+    # MP_AC_LAYERS: AC=full recomputes in groups of this many layers; AC=offload offloads the
+    # first this many layers of every pipeline stage (virtual stage)
+    recompute_num_layers: int = 1
 
 
 @dataclass
@@ -96,6 +105,9 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     load: Optional[str] = None        # PRETRAIN_CHECKPOINT_PATH (None: from scratch)
+    format: str = "torch"             # MP_CKPT_FORMAT: torch (per-rank files, Megatron-LM's
+    #                                   legacy layout) | torch_dist (megatron-core
+    #                                   dist_checkpointing: re-shards natively on load)
     save_interval: int = 1000         # SAVE_INTERVAL (iterations)
     output_base: str = "output"       # OUTPUT_BASEPATH
     # MP_RESUME_FROM: a training checkpoint directory (root or iter_N) of another run to

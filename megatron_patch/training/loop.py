@@ -63,12 +63,6 @@ def optimizer_step(optimizer, clip_grad: float):
     return bool(optimizer.step_with_ready_grads()), float(grad_norm), False
 
 
-def _reported_loss(losses: list) -> Optional[torch.Tensor]:
-    if not losses:
-        return None
-    return torch.stack([x["lm loss"].float().reshape(()) for x in losses]).mean()
-
-
 def _broadcast_from_last_stage(value: Optional[torch.Tensor]) -> float:
     """The loss lives on the last pipeline stage: share it with every rank."""
     from megatron.core import parallel_state as ps
@@ -81,19 +75,26 @@ def _broadcast_from_last_stage(value: Optional[torch.Tensor]) -> float:
     return float(t.item())
 
 
+def _schedule_shape(cfg: TrainConfig, seq_len: int):
+    from megatron_patch.training.packed_seq import schedule_shape
+    return schedule_shape(cfg.data.sft and cfg.data.sft_packing, seq_len,
+                          cfg.data.micro_batch_size)
+
+
 def train_step(run: Run, data_iterator, seq_len: int):
     from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_patch.training.forward_step import forward_step
+    from megatron_patch.training.forward_step import forward_step, reported_loss
     for c in run.chunks:
         c.zero_grad_buffer()
     run.optimizer.zero_grad()
+    seq_length, mbs = _schedule_shape(run.cfg, seq_len)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data_iterator, model=run.chunks,
-        num_microbatches=get_num_microbatches(), seq_length=seq_len,
-        micro_batch_size=run.cfg.data.micro_batch_size, forward_only=False)
-    loss = _broadcast_from_last_stage(_reported_loss(losses))
+        num_microbatches=get_num_microbatches(), seq_length=seq_length,
+        micro_batch_size=mbs, forward_only=False)
+    loss = _broadcast_from_last_stage(reported_loss(losses))
     updated, grad_norm, nan_grad = optimizer_step(run.optimizer, run.cfg.optim.clip_grad)
     if updated:
         run.scheduler.step(increment=run.cfg.data.global_batch_size)
@@ -108,7 +109,7 @@ def evaluate(run: Run, valid, to_sample, seq_len: int) -> Optional[float]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_patch.training import batches
-    from megatron_patch.training.forward_step import forward_step
+    from megatron_patch.training.forward_step import forward_step, reported_loss
     cfg = run.cfg
     if valid is None or cfg.eval_iters == 0:
         return None
@@ -119,17 +120,30 @@ def evaluate(run: Run, valid, to_sample, seq_len: int) -> Optional[float]:
     for c in run.chunks:
         c.eval()
     values = []
+    seq_length, mbs = _schedule_shape(cfg, seq_len)
     with torch.no_grad():
         for _ in range(cfg.eval_iters):
             losses = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=data, model=run.chunks,
-                num_microbatches=get_num_microbatches(), seq_length=seq_len,
-                micro_batch_size=cfg.data.micro_batch_size, forward_only=True)
-            values.append(_broadcast_from_last_stage(_reported_loss(losses)))
+                num_microbatches=get_num_microbatches(), seq_length=seq_length,
+                micro_batch_size=mbs, forward_only=True)
+            values.append(_broadcast_from_last_stage(reported_loss(losses)))
     for c in run.chunks:
         c.train()
     run.consumed_valid_samples += cfg.eval_iters * cfg.data.global_batch_size
     return sum(values) / len(values)
+
+
+def cp_attention_line(run: Run) -> str:
+    """Which core attention runs context parallelism, read from the built model."""
+    core = next(m for c in run.chunks for n, m in c.named_modules()
+                if n.endswith("core_attention"))
+    name = type(core).__name__
+    if name.startswith("TE"):
+        return (f"Transformer Engine attention ({name}), cp_comm_type="
+                f"{run.tconfig.cp_comm_type or 'p2p'}")
+    return (f"{name} ({type(core).__module__}): K/V all-gathered over the CP group, "
+            "causal attention by global positions")
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -164,6 +178,8 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
                  f"{'distributed' if cfg.optim.distributed_optimizer else 'plain'} optimizer, "
                  f"{dist.get_backend()} process groups; {cfg.optim.train_iters} iterations "
                  f"(warmup {cfg.optim.warmup_iters}), checkpoints in {cfg.checkpoint_dir}")
+    if par.cp > 1:
+        logger.print(f"> context parallelism CP={par.cp}: {cp_attention_line(run)}")
 
     train_ds, valid_ds, to_sample, seq_len = build_data(cfg, run.arch, note=logger.print)
     it = batches.MicroBatches(train_ds, to_sample, cfg.data.global_batch_size,

@@ -53,12 +53,29 @@ def optimizer_config(config: TransformerConfig, lr: float, min_lr: float = 0.0,
                      weight_decay: float = 0.1, clip_grad: float = 1.0,
                      use_distributed_optimizer: bool = False, adam_beta1: float = 0.9,
                      adam_beta2: float = 0.95, adam_eps: float = 1e-8,
-                     initial_loss_scale: Optional[float] = None) -> OptimizerConfig:
-    """build_optimizer's megatron-core OptimizerConfig (precision from the model's config)."""
+                     initial_loss_scale: Optional[float] = None,
+                     offload_fraction: Optional[float] = None) -> OptimizerConfig:
+    """build_optimizer's megatron-core OptimizerConfig (precision from the model's config).
+    ``offload_fraction`` (not None: OPTIMIZER_OFFLOAD) steps that fraction of the
+    parameters' Adam state on the host (HybridDeviceOptimizer, torch AdamW there) on top of
+    the distributed optimizer."""
+    offload = {}
+    if offload_fraction is not None:
+        if not use_distributed_optimizer:
+            raise ValueError("optimizer offload needs the distributed optimizer")
+        offload = dict(
+            optimizer_cpu_offload=True, optimizer_offload_fraction=float(offload_fraction),
+            # bf16/fp16: the fp32 main weights live in the offloaded optimizer too (else the
+            # distributed optimizer keeps them on the device); fp32 weights are their own
+            # main weights, so there is nothing more to move
+            use_precision_aware_optimizer=config.bf16 or config.fp16,
+            overlap_cpu_optimizer_d2h_h2d=True,
+            pin_cpu_grads=active_backend().pins_host_memory,
+            pin_cpu_params=active_backend().pins_host_memory)
     return OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps,
         clip_grad=clip_grad, bf16=config.bf16, fp16=config.fp16,
         params_dtype=config.params_dtype, use_distributed_optimizer=use_distributed_optimizer,
         initial_loss_scale=initial_loss_scale if config.fp16 else None,
-        loss_scale=None)
+        loss_scale=None, **offload)

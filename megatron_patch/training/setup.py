@@ -26,6 +26,7 @@ class Run:
     skipped_iters: int = 0
     nan_iters: int = 0
     flops: float = 0.0
+    activation_offload: object = None   # AC=offload with torch hooks: their byte counters
     history: list = field(default_factory=list)   # per-iteration metrics (this process)
     evals: list = field(default_factory=list)
 
@@ -48,11 +49,18 @@ class MegatronConfigs:
     scheduler: dict       # OptimizerParamScheduler's keyword arguments (all but the optimizer)
 
 
-def megatron_configs(cfg: TrainConfig, arch, backend) -> MegatronConfigs:
-    """The megatron-core configuration objects setup() builds for cfg on ``backend``."""
+def megatron_configs(cfg: TrainConfig, arch, backend,
+                     offload_fraction=None) -> MegatronConfigs:
+    """The megatron-core configuration objects setup() builds for cfg on ``backend``.
+    OPTIMIZER_OFFLOAD=static's fraction comes from cfg; auto's is planned by setup() from
+    the device's free memory once the model exists (pass it as ``offload_fraction``)."""
     from megatron_patch.training.model_setup import ddp_config, optimizer_config
     tconfig = transformer_config_for(cfg, arch, backend)
-    return MegatronConfigs(tconfig, optimizer_config(tconfig, **_optimizer_config_kwargs(cfg)),
+    if offload_fraction is None and cfg.optim.offload == "static":
+        offload_fraction = 1.0 if cfg.optim.offload_fraction is None \
+            else cfg.optim.offload_fraction
+    return MegatronConfigs(tconfig, optimizer_config(tconfig, offload_fraction=offload_fraction,
+                                                     **_optimizer_config_kwargs(cfg)),
                            ddp_config(**ddp_kwargs(cfg)), scheduler_kwargs(cfg))
 
 
@@ -60,17 +68,23 @@ def transformer_config_for(cfg: TrainConfig, arch, backend):
     """The TransformerConfig of a run: the model, layout, precision, recompute and the
     backend's kernel choices (PR=fp8: its fp8 recipe, bf16 parameters)."""
     from megatron_patch.models.llama.config import ParallelSettings, transformer_config
+    from megatron_patch.training import offload
     par = cfg.parallel
     precision = cfg.precision.dtype
-    overrides = {"init_method_std": cfg.model.init_method_std}
-    overrides.update(backend.training_overrides(cfg.model.flash_attn, precision))
+    # the loss is the mean over every loss token of the global batch (DP x CP), whatever
+    # the layout (forward_step.masked_lm_loss)
+    overrides = {"init_method_std": cfg.model.init_method_std,
+                 "calculate_per_token_loss": True}
+    overrides.update(backend.training_overrides(
+        cfg.model.flash_attn, precision, cp_comm_type=par.cp_comm_type if par.cp > 1 else None))
     if precision == "fp8":  # the backend set the fp8 recipe; parameters are bf16
         precision = "bf16"
+    overrides.update(offload.te_activation_offload(cfg, arch, backend))  # {}: torch hooks
     return transformer_config(
         arch, ParallelSettings(tp=par.tp, pp=par.pp, cp=par.cp,
                                sequence_parallel=par.sequence_parallel, vp=par.vp,
                                pp0_layers=par.pp0_layers),
-        precision, recompute=cfg.memory.recompute,
+        precision, recompute=offload.recompute_mode(cfg),
         recompute_num_layers=cfg.memory.recompute_num_layers, **overrides)
 
 
@@ -126,13 +140,13 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     from megatron_patch import checkpoint as ckpt_lib
     from megatron_patch import parallel
     from megatron_patch.backends import active_backend
-    from megatron_patch.training import checkpointing
+    from megatron_patch.training import checkpointing, offload
     from megatron_patch.training.model_setup import build_model_chunks, build_optimizer
 
     par = cfg.parallel
     arch = model_arch(cfg)
     dp = check_model_shape(cfg, arch, world_size=dist.get_world_size())
-    check_batches(cfg, dp)
+    num_microbatches = check_batches(cfg, dp)
     parallel.initialize_model_parallel(tp=par.tp, pp=par.pp, cp=par.cp, vp=par.vp,
                                        seed=cfg.seed)
     destroy_num_microbatches_calculator()
@@ -145,12 +159,17 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
     chunks = build_model_chunks(arch, tconfig, **ddp_kwargs(cfg))
     if fp8 is not None:
         _prepare_fp8(fp8, chunks, log)
+    activation_offload = offload.attach_activation_offload(
+        cfg, chunks, backend, bool(offload.te_activation_offload(cfg, arch, backend)), log)
 
     # weights: resume from this run's own latest checkpoint (else MP_RESUME_FROM's), else
     # the pretrained one
     found = checkpointing.find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume_from, warn=log)
     resume = None
-    if found is not None:
+    if found is not None and found.format == ckpt_lib.DIST_FORMAT:
+        log(f"resuming from {found.path} (iteration {found.iteration}, torch_dist: loaded "
+            f"once the optimizer exists, re-sharded to this layout)")
+    elif found is not None:
         resume = checkpointing.load_resume_state(
             Run(cfg, arch, chunks, None, None, tconfig), found)
         log(f"resuming from {found.path} (iteration {found.iteration})")
@@ -162,17 +181,24 @@ def setup(cfg: TrainConfig, log=print) -> tuple:
         log("training from scratch (PRETRAIN_CHECKPOINT_PATH=none)")
 
     # the optimizer copies main params from the (loaded) model params
-    optimizer = build_optimizer(chunks, tconfig, **_optimizer_config_kwargs(cfg))
+    fraction = offload.optimizer_offload_fraction(cfg, arch, chunks, backend, dp,
+                                                  num_microbatches, log=log)
+    optimizer = build_optimizer(chunks, tconfig, offload_fraction=fraction,
+                                **_optimizer_config_kwargs(cfg))
     scheduler = OptimizerParamScheduler(optimizer, **scheduler_kwargs(cfg))
 
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     no_sync = [c.no_sync for c in chunks]
     tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    run = Run(cfg, arch, chunks, optimizer, scheduler, tconfig)
-    if resume is not None:
+    run = Run(cfg, arch, chunks, optimizer, scheduler, tconfig,
+              activation_offload=activation_offload)
+    if found is not None and found.format == ckpt_lib.DIST_FORMAT:
+        state = checkpointing.restore_dist_training_state(run, found)
+    elif resume is not None:
         state, rank_file = resume
         checkpointing.restore_training_state(run, state, rank_file)
+    if found is not None:
         c = state.get("megatron_patch", {})
         run.iteration = int(state["iteration"])
         run.consumed_train_samples = int(c.get("consumed_train_samples",

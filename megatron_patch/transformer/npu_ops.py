@@ -91,8 +91,10 @@ class NpuFusedAttention(SDPAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences (THD) are not wired to "
-                                      "npu_fusion_attention yet")
+            # packed SFT (THD): SDPAttention's per-segment path (torch SDPA on the NPU);
+            # npu_fusion_attention's TND layout with actual_seq_qlen is not wired yet
+            return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias, packed_seq_params)
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by NpuFusedAttention")
         mask_type = attn_mask_type or self.attn_mask_type
