@@ -180,7 +180,7 @@ def stream_parity(ref, test, arch: LlamaArch, precision: str,
     if layers is not None:
         desc += (f"; sampled layers {','.join(map(str, layers))}, each fed the embedding "
                  f"output")
-    res = check.CheckResult(precision, check.TOLERANCES[precision], desc, s)
+    res = check.CheckResult(precision, check.tolerance(precision, arch), desc, s)
     spans = check.position_spans(arch, s)
     for line in res.header():
         emit(line)
