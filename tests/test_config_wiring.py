@@ -113,8 +113,7 @@ ROWS = [
     # megatron-core groups micro-batches per virtual stage by PP when not given
     Row("PP", "2", {"parallel.pp": 2}, transformer={"pipeline_model_parallel_size": 2,
                                                     "microbatch_group_size_per_vp_stage": 2}),
-    Row("CP", "2", {"parallel.cp": 2}, transformer={"context_parallel_size": 2},
-        refused="CP=2 is not supported on this backend yet"),
+    Row("CP", "2", {"parallel.cp": 2}, transformer={"context_parallel_size": 2}),
     Row("SP", "true", {"parallel.sequence_parallel": True},
         transformer={"sequence_parallel": True}, context={"TP": "2"}),
     Row("DO", "true", {"optim.distributed_optimizer": True},
@@ -132,10 +131,18 @@ ROWS = [
     Row("AC", "full", {"memory.recompute": "full"},
         transformer={"recompute_granularity": "full", "recompute_method": "uniform",
                      "recompute_num_layers": 1}),
-    Row("AC", "offload", {"memory.recompute": "offload"},
-        refused="AC='offload' is not supported on this backend yet"),
-    Row("OPTIMIZER_OFFLOAD", "static", {"optim.offload": "static"},
-        refused="OPTIMIZER_OFFLOAD='static' is not supported on this backend yet"),
+    # offload recomputes nothing; without Transformer Engine torch hooks offload (no field)
+    Row("AC", "offload", {"memory.recompute": "offload"}),
+    # megatron-core's optimizer CPU offload sits on the distributed optimizer (forced on);
+    # bf16: precision-aware (main weights offloaded too, so no param remainders); the cpu
+    # backend pins nothing
+    Row("OPTIMIZER_OFFLOAD", "static", {"optim.offload": "static",
+                                        "optim.distributed_optimizer": True},
+        optimizer={"optimizer_cpu_offload": True, "optimizer_offload_fraction": 1.0,
+                   "use_distributed_optimizer": True, "use_precision_aware_optimizer": True,
+                   "overlap_cpu_optimizer_d2h_h2d": True, "pin_cpu_grads": False,
+                   "pin_cpu_params": False, "store_param_remainders": False},
+        ddp={"use_distributed_optimizer": True}),
     Row("SAVE_INTERVAL", "7", {"checkpoint.save_interval": 7}),
     Row("DATASET_PATH", "/data/other_text_document",
         {"data.train_paths": ["/data/other_text_document"]}),
@@ -168,6 +175,11 @@ ROWS = [
     Row("MP_NAN_WINDOW", "50", {"nan_window": 50}),
     Row("MP_RESUME_FROM", "/ckpt/previous", {"checkpoint.resume_from": "/ckpt/previous"}),
     Row("MP_TEST_KILL_IN_SAVE", "3", {"checkpoint.kill_in_save_iter": 3}),
+    Row("MP_OFFLOAD_FRACTION", "0.25", {"optim.offload_fraction": 0.25},
+        optimizer={"optimizer_offload_fraction": 0.25}, context={"OPTIMIZER_OFFLOAD": "static"}),
+    # Transformer Engine's CP exchange: no megatron field changes without TE
+    Row("MP_CP_COMM_TYPE", "a2a", {"parallel.cp_comm_type": "a2a"}, context={"CP": "2"}),
+    Row("MP_CKPT_FORMAT", "torch_dist", {"checkpoint.format": "torch_dist"}),
 ]
 
 # the base run's values of every field a row names (TrainConfig and megatron objects)
@@ -185,6 +197,7 @@ BASE_TRAIN = {
     "data.sft_packing": False, "data.tokenizer": None, "eval_interval": 10000,
     "eval_iters": 10, "data.split": "99,1,0", "seed": 1234, "max_nan_iters": 10,
     "nan_window": 100, "checkpoint.resume_from": None, "checkpoint.kill_in_save_iter": None,
+    "optim.offload_fraction": None, "parallel.cp_comm_type": "p2p", "checkpoint.format": "torch",
 }
 BASE_MEGATRON = {
     "transformer": dict(num_layers=TINY_LAYERS, hidden_size=128, num_attention_heads=4,
@@ -198,7 +211,9 @@ BASE_MEGATRON = {
                         init_method=normal(INIT_STD),
                         output_layer_init_method=normal(INIT_STD / math.sqrt(2 * TINY_LAYERS)),
                         hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm",
-                        gated_linear_unit=True, add_bias_linear=False),
+                        gated_linear_unit=True, add_bias_linear=False,
+                        # the loss is the mean over every loss token of DP x CP
+                        calculate_per_token_loss=True),
     "optimizer": dict(optimizer="adam", lr=3e-4, min_lr=3e-5, weight_decay=0.1, clip_grad=1.0,
                       adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=True, fp16=False,
                       params_dtype=torch.bfloat16, use_distributed_optimizer=False,

@@ -91,7 +91,9 @@ def test_correct_bf16_conversion_passes_with_margin(tmp_path, hf_dir, capsys):
     assert summary == "CHECK PASSED"
     assert len(rows) == 1 + ARCH.num_layers + 2  # embedding, layers, final norm, logits
     worst = max(rel for spans in rows.values() for rel, _ in spans)
-    assert 0 < worst <= rtol / 1.5, (worst, rtol)
+    # the streamed check runs both sides with the same bf16 kernels and HF's fp32 rope
+    # buffers: on this model the difference is often exactly 0 (docs of stream_check)
+    assert 0 <= worst <= rtol / 1.5, (worst, rtol)
 
 
 def _corrupt(path: str, local: int, how: str) -> None:
