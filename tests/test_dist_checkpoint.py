@@ -317,8 +317,14 @@ def test_training_checkpoint_tp2pp2_resumes_at_tp1(four_process_results, case, d
     for r in res:
         continued.update(r["continued"])
     tol = 1e-5 if precision == "fp32" else 1e-2  # bf16: weight rounding of the two layouts
+    sq_err = sq_lost = sq_ref = 0.0
     for k, want in continued.items():
-        got, fresh = r0["resumed"][k].float(), r0["fresh"][k].float()
-        err = (got - want.float()).norm() / want.float().norm()
-        lost = (fresh - want.float()).norm() / want.float().norm()
-        assert err < tol and lost > 10 * max(err, 1e-9), (k, err.item(), lost.item())
+        got, fresh, want = r0["resumed"][k].float(), r0["fresh"][k].float(), want.float()
+        err = (got - want).norm() / want.norm()
+        assert err < tol, (k, err.item())
+        sq_err += (got - want).norm().item() ** 2
+        sq_lost += (fresh - want).norm().item() ** 2
+        sq_ref += want.norm().item() ** 2
+    # over the whole model (a single bf16 norm vector's rounding can rival its step)
+    err, lost = (sq_err / sq_ref) ** 0.5, (sq_lost / sq_ref) ** 0.5
+    assert lost > 10 * max(err, 1e-9), (err, lost)
