@@ -83,3 +83,14 @@ def test_bad_configs_fail_clearly():
         LlamaArch.from_hf_config(dict(META_31_8B, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(ValueError, match="TP=3"):
         transformer_config(get_preset("llama3", "8B"), ParallelSettings(tp=3))
+
+
+def test_linear_rope_scaling_matches_transformers():
+    """rope_type linear (position interpolation) divides every frequency by the factor, as
+    transformers computes it from the same config."""
+    a = LlamaArch.from_hf_config(dict(META_31_8B, rope_scaling={"rope_type": "linear",
+                                                                 "factor": 4.0}))
+    theirs, _ = ROPE_INIT_FUNCTIONS["linear"](LlamaConfig(**a.to_hf_config()), "cpu")
+    torch.testing.assert_close(rope.inv_freq(a), theirs, rtol=0, atol=0)
+    unscaled = rope.inv_freq(LlamaArch.from_hf_config(dict(META_31_8B, rope_scaling=None)))
+    assert torch.all(theirs < unscaled)  # the comparison can tell scaled from unscaled

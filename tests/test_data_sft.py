@@ -262,3 +262,24 @@ def test_build_cli_accepts_pai_spelling(tmp_path, spm_tokenizer_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         mod.main(args + ["--patch-tokenizer-type", "GPT2Tokenizer"])
     assert exc.value.code == 2 and "LLama3Tokenizer" in capsys.readouterr().err
+
+
+def test_samples_are_kept_exactly_when_their_training_item_has_a_target():
+    """encode_sft_chunk keeps a sample iff has_loss: that must hold exactly when the item the
+    trainer builds from it (make_item, the next-token shift) has a target, including an
+    answer token that is the window's very last target (token seq_len) or just past it."""
+    from megatron_patch.data.sft_encode import IGNORE_INDEX, has_loss, make_item
+    seq_len, rng = 8, np.random.default_rng(0)
+    cases = [np.full(12, IGNORE_INDEX) for _ in range(3)]
+    cases[0][seq_len] = 5       # the last target of the window: learned
+    cases[1][seq_len + 1] = 5   # one past the window: nothing learned
+    cases[2][0] = 5             # token 0 is never a target
+    for _ in range(200):
+        labels = np.where(rng.random(12) < 0.1, 7, IGNORE_INDEX)
+        cases.append(labels)
+    for labels in cases:
+        ids = np.arange(len(labels))
+        _, item_labels = make_item(ids, labels.astype(np.int32), seq_len, pad_id=0)
+        assert has_loss(labels, seq_len) == bool((item_labels != IGNORE_INDEX).any()), labels
+    assert has_loss(cases[0], seq_len) and not has_loss(cases[1], seq_len) \
+        and not has_loss(cases[2], seq_len)
