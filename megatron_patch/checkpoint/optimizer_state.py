@@ -33,19 +33,39 @@ def adam_step(opt) -> Optional[float]:
     return steps.pop() if steps else None
 
 
+def is_hybrid(opt) -> bool:
+    """OPTIMIZER_OFFLOAD: the distributed optimizer steps through HybridDeviceOptimizer."""
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+    return isinstance(getattr(opt, "optimizer", None), HybridDeviceOptimizer)
+
+
 @torch.no_grad()
 def materialize_adam_state(opt) -> None:
     """The state torch Adam creates lazily at its first update (step 0, zero moments), for
-    parameters that have none yet: later updates are unchanged."""
+    parameters that have none yet (no successful step so far, e.g. every fp16 step
+    overflowed): later updates are unchanged, and the distributed optimizer can save and
+    load its parameter state. With OPTIMIZER_OFFLOAD the state lives in the hybrid
+    optimizer's sub-optimizers, which it mirrors."""
     inner = opt.optimizer
-    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-        return
-    for group in inner.param_groups:
+    if is_hybrid(opt):
+        for sub in inner.sub_optimizers:
+            _zero_adam_state(sub)
+        inner._sync_sub_optimizers_state_to_hdo()
+    elif isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        _zero_adam_state(inner)
+
+
+def _zero_adam_state(adam) -> None:
+    for group in adam.param_groups:
+        # fused/capturable Adam keeps its step next to the parameter, the others on the host
+        on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
-            if not inner.state.get(p):
-                inner.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                                  "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+            if not adam.state.get(p):
+                adam.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32,
+                                         device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
 @contextmanager

@@ -50,6 +50,9 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from megatron_patch import checkpoint as ckpt_lib
+from megatron_patch.checkpoint.optimizer_state import (
+    adam_step, is_distributed, is_hybrid, materialize_adam_state, resync_adam_step,
+    step_set_aside, sub_optimizers)
 from megatron_patch.fsutil import atomic_write_json, sync_copy
 from megatron_patch.training.config import TrainingStopped
 from megatron_patch.models.llama import mapping
@@ -86,69 +89,18 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---- optimizer state (the distributed-optimizer repairs) ---------------------------------
-def _subs(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _is_distributed(opt) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    return isinstance(opt, DistributedOptimizer)
-
-
-def _is_hybrid(opt) -> bool:
-    """OPTIMIZER_OFFLOAD: the distributed optimizer steps through HybridDeviceOptimizer."""
-    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
-    return isinstance(getattr(opt, "optimizer", None), HybridDeviceOptimizer)
-
-
-def _adam_step(opt) -> Optional[float]:
-    """The torch Adam step count of one megatron optimizer (None before the first step)."""
-    steps = {float(s["step"]) for s in opt.optimizer.state.values() if "step" in s}
-    if len(steps) > 1:
-        raise RuntimeError(f"parameters disagree on the Adam step: {sorted(steps)}")
-    return steps.pop() if steps else None
-
-
-@torch.no_grad()
-def _materialize_adam_state(opt) -> None:
-    """Create torch Adam's lazily-initialised state (step 0, zero moments) for parameters
-    that have none yet (no successful step so far, e.g. every fp16 step overflowed): what
-    Adam would create itself, so later updates are unchanged; the distributed optimizer
-    cannot save or load its parameter state without it."""
-    inner = opt.optimizer
-    if _is_hybrid(opt):  # the state lives in the sub-optimizers; the hybrid one mirrors it
-        for sub in inner.sub_optimizers:
-            _zero_adam_state(sub)
-        inner._sync_sub_optimizers_state_to_hdo()
-    elif isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-        _zero_adam_state(inner)
-
-
-def _zero_adam_state(adam) -> None:
-    for group in adam.param_groups:
-        # fused/capturable Adam keeps its step next to the parameter, the others on the host
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            if not adam.state.get(p):
-                adam.state[p] = {
-                    "step": torch.tensor(0.0, dtype=torch.float32,
-                                         device=p.device if on_device else "cpu"),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-
 def optimizer_state_dict(optimizer) -> dict:
     """{'optimizers': [state dict per chained optimizer], 'adam_steps': [...]}."""
     out = []
     steps = []
-    for opt in _subs(optimizer):
-        if _is_distributed(opt) and _adam_step(opt) is None:
+    for opt in sub_optimizers(optimizer):
+        if is_distributed(opt) and adam_step(opt) is None:
             # DistributedOptimizer.state_dict() asserts on an empty state (before the first
             # successful step) and its parameter-state gather needs exp_avg/exp_avg_sq
-            _materialize_adam_state(opt)
-        steps.append(_adam_step(opt))
+            materialize_adam_state(opt)
+        steps.append(adam_step(opt))
         sd = opt.state_dict()
-        if _is_hybrid(opt):
+        if is_hybrid(opt):
             _drop_classes(sd)
         out.append(sd)
     return {"optimizers": out, "adam_steps": steps}
@@ -165,48 +117,27 @@ def _drop_classes(state_dict: dict) -> None:
 
 @torch.no_grad()  # main params may be views of the model's leaf params (fp32 + DO)
 def load_optimizer_state(optimizer, state: dict, distrib_files: Optional[list]) -> None:
-    subs = _subs(optimizer)
+    subs = sub_optimizers(optimizer)
     sds = state["optimizers"]
     if len(sds) != len(subs):
         raise ValueError(f"checkpoint has {len(sds)} optimizers, this run {len(subs)}")
     for i, (opt, sd) in enumerate(zip(subs, sds)):
         step = state["adam_steps"][i]
-        if _is_distributed(opt):
+        if is_distributed(opt):
             opt.load_state_dict(sd)
             # load_parameter_state copies every key of the live per-parameter state from the
             # file, which holds param/exp_avg/exp_avg_sq only: keep 'step' aside meanwhile.
-            saved_steps = {}
-            for p, s in opt.optimizer.state.items():
-                if "step" in s:
-                    saved_steps[p] = s.pop("step")
-            path = distrib_files[i] if distrib_files else None
-            param_state = None
-            if opt.data_parallel_group.rank() == 0:
-                param_state = ckpt_lib.safe_torch_load(path)
-                if isinstance(param_state, list):  # ChainedOptimizer wrote a list
-                    param_state = param_state[i]
-            opt.load_parameter_state_from_dp_zero(param_state)
-            for p, s in opt.optimizer.state.items():
-                if p in saved_steps:
-                    s["step"] = saved_steps[p]
+            with step_set_aside(opt):
+                path = distrib_files[i] if distrib_files else None
+                param_state = None
+                if opt.data_parallel_group.rank() == 0:
+                    param_state = ckpt_lib.safe_torch_load(path)
+                    if isinstance(param_state, list):  # ChainedOptimizer wrote a list
+                        param_state = param_state[i]
+                opt.load_parameter_state_from_dp_zero(param_state)
         else:
             opt.load_state_dict(sd)
-        _resync_adam_step(opt, step)
-
-
-def _resync_adam_step(opt, step: Optional[float]) -> None:
-    """Every parameter's torch Adam 'step' = the checkpoint's step, each its own tensor."""
-    if step is None:
-        return
-    for group in opt.optimizer.param_groups:
-        for p in group["params"]:
-            s = opt.optimizer.state.get(p)
-            if s is None or not s:
-                continue
-            old = s.get("step")
-            dtype = old.dtype if isinstance(old, torch.Tensor) else torch.float32
-            device = old.device if isinstance(old, torch.Tensor) else torch.device("cpu")
-            s["step"] = torch.tensor(float(step), dtype=dtype, device=device)
+        resync_adam_step(opt, step)
 
 
 # ---- save -----------------------------------------------------------------------------------
@@ -302,12 +233,12 @@ def save_checkpoint(run, iteration: int) -> str:
     rngs = [None] * dist.get_world_size(dp_group)
     dist.all_gather_object(rngs, rng_state(), group=dp_group)
     opt_state = optimizer_state_dict(run.optimizer)
-    subs = _subs(run.optimizer)
-    if any(_is_distributed(o) for o in subs):
+    subs = sub_optimizers(run.optimizer)
+    if any(is_distributed(o) for o in subs):
         files = _distrib_files(rank_file, len(subs))
         dist.barrier()  # the directory exists before DP rank 0 writes into it
         for opt, f in zip(subs, files):
-            if _is_distributed(opt):
+            if is_distributed(opt):
                 state = opt.get_parameter_state_dp_zero()
                 if opt.data_parallel_group.rank() == 0:
                     torch.save(state, f)
@@ -425,8 +356,8 @@ def restore_training_state(run, state: dict, source) -> None:
     """Optimizer, scheduler and RNG from a checkpoint; ``source`` as load_resume_state
     returned it."""
     if isinstance(source, str):
-        subs = _subs(run.optimizer)
-        files = _distrib_files(source, len(subs)) if any(_is_distributed(o) for o in subs) \
+        subs = sub_optimizers(run.optimizer)
+        files = _distrib_files(source, len(subs)) if any(is_distributed(o) for o in subs) \
             else None
         load_optimizer_state(run.optimizer, state["optimizer"], files)
     else:
@@ -460,7 +391,7 @@ def _restore_resharded_optimizer(run, state: dict, found) -> None:
     """Adam's state from a checkpoint of another layout, re-cut for this rank (the loss
     scale too: it is the same on every rank)."""
     scaler = optimizer_reshard.saved_grad_scaler(state)
-    for opt in _subs(run.optimizer):
+    for opt in sub_optimizers(run.optimizer):
         if scaler and getattr(opt, "grad_scaler", None) is not None:
             opt.grad_scaler.load_state_dict(scaler)
     step = optimizer_reshard.saved_step(state)
@@ -472,6 +403,6 @@ def _restore_resharded_optimizer(run, state: dict, found) -> None:
         par.tp, par.pp, ps.get_tensor_model_parallel_rank(),
         ps.get_pipeline_model_parallel_rank(), par.vp, par.pp0_layers if par.pp > 1 else None)
     optimizer_reshard.apply_model_space(run.optimizer, run.chunks, states,
-                                        _materialize_adam_state)
-    for opt in _subs(run.optimizer):
-        _resync_adam_step(opt, step)
+                                        materialize_adam_state)
+    for opt in sub_optimizers(run.optimizer):
+        resync_adam_step(opt, step)
