@@ -85,3 +85,18 @@ def test_dlc_unreachable_master_fails_in_one_line(lw, tmp_path):
     assert f"127.0.0.1:{port} is not reachable" in lines[0] and "MP_RDZV_TIMEOUT" in lines[0]
     assert elapsed < 2 + 30, elapsed  # the timeout, plus the plan's start-up on a busy machine
     assert not os.path.exists(tmp_path / "out")  # nothing created
+
+
+def test_dlc_node0_alone_fails_in_one_line(lw, tmp_path):
+    """Node 0 waits MP_RDZV_TIMEOUT for node 1, which never comes: one line saying how many
+    nodes joined, no torchrun traceback."""
+    from megatron_patch.training.launch_plan import free_port
+    rc, text, _ = H.run(H.args(lw, str(tmp_path / "out"), pp=2, env_name="dlc"),
+                        M.dlc_env(0, free_port(), MP_NPROC=1, MP_RDZV_TIMEOUT=2),
+                        str(tmp_path / "node0.out"), str(tmp_path), timeout=120)
+    assert rc == 2 and "Traceback" not in text, text
+    last = text.strip().splitlines()[-1]
+    assert last == ("run_mcore_llama2.sh: error: ENV=dlc node 0: only 1 of 2 nodes joined "
+                    "within 2 s (MP_RDZV_TIMEOUT); start the other nodes with the same "
+                    "MASTER_ADDR, MASTER_PORT and WORLD_SIZE=2 (RANK=1), or raise "
+                    "MP_RDZV_TIMEOUT"), text

@@ -95,7 +95,7 @@ RCFILE=$(mktemp "${TMPDIR:-/tmp}/mp_rc.XXXXXX") || exit 1
         MASTER_ADDR=127.0.0.1 MASTER_PORT=$MP_PLAN_MASTER_PORT \
             "$PY" -m megatron_patch.training.pretrain --generation "$MP_GENERATION" --timestamp "$MP_PLAN_TIMESTAMP" -- "$@" 2>&1
     else
-        "$PY" -m torch.distributed.run --nproc_per_node "$MP_PLAN_NPROC" \
+        "$PY" -m megatron_patch.training.torchrun --nproc_per_node "$MP_PLAN_NPROC" \
             --nnodes "$MP_PLAN_NNODES" --node_rank "$MP_PLAN_NODE_RANK" \
             --master_addr "$MP_PLAN_MASTER_ADDR" --master_port "$MP_PLAN_MASTER_PORT" \
             --rdzv_conf "timeout=$MP_PLAN_RDZV_TIMEOUT" \
