@@ -32,6 +32,9 @@ LAYOUTS = {
 RESUMES = {
     "dp2_do_from_tp2_pp2": ("tp2_pp2", dict(do=True), 2, "TP=1 PP=1 CP=1 DP=2"),
     "tp1_pp4_from_tp2_pp2_dp2_do": ("tp2_pp2_dp2_do", dict(pp=4), 4, "TP=1 PP=4 CP=1 DP=1"),
+    # only DP changes (the distributed optimizer's state saved gathered from 2 DP ranks)
+    "dp1_do_from_tp2_pp2_dp2_do": ("tp2_pp2_dp2_do", dict(tp=2, pp=2, do=True), 4,
+                                   "TP=2 PP=2 CP=1 DP=1"),
 }
 
 
