@@ -17,7 +17,8 @@ import os
 import sys
 import warnings
 
-from megatron_patch.cli_args import OneLineErrors
+from megatron_patch.cli_args import OneLineErrors, check_output_path
+from megatron_patch.fsutil import os_error_message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_output_path(parser, "--output-prefix", args.output_prefix)
     if args.handler_name not in ("GeneralPretrainHandler", "AlpacaPretrainHandler"):
         hint = (" (instruction data for SFT: toolkits/sft_data_preprocessing/"
                 "build_idxmap_sft_dataset.py)" if "Instruction" in args.handler_name else "")
@@ -79,8 +81,11 @@ def main(argv=None) -> int:
             handler_name=args.handler_name, append_eod=args.append_eod, workers=args.workers,
             log_interval=args.log_interval, strict=args.strict,
             add_special_tokens=not args.no_bos, txt_mode=args.txt_mode, quiet=args.quiet)
-    except (InputError, TokenizerError, ValueError, OSError) as exc:
+    except (InputError, TokenizerError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, a file where a directory must be...
+        print(f"{parser.prog}: error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; no output written", file=sys.stderr)

@@ -76,8 +76,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self._packs: List[List[int]] = next_fit_packs(lengths, seq_len + 1) if packing \
             else [[i] for i in range(len(lengths))]
         if not self._packs:
-            raise InputError(f"{path}: no SFT samples" +
-                             (f" ({log.summary()})" if log.total else ""))
+            raise log.nothing_written("SFT samples", [path])
 
     # -- sources ---------------------------------------------------------------------------
     def _load_raw(self, path: str, log: ProblemLog) -> List[int]:
@@ -88,6 +87,7 @@ class SFTDataset(torch.utils.data.Dataset):
                 if isinstance(item, Problem):
                     log.add(item)
                 else:
+                    log.accept()
                     self._samples.append(item)
         return [len(ids) for ids, _ in self._samples]
 
@@ -128,6 +128,8 @@ class SFTDataset(torch.utils.data.Dataset):
                     log.add(Problem(prefix, d, "no answer token within seq_len",
                                           f"seq_len {self.seq_len}", unit="sample"))
         self._doc_map = np.nonzero(keep)[0]
+        if keep.any():
+            log.accept()
         return [int(n) for n in lengths[keep]]
 
     def _doc(self, d: int) -> Tuple[np.ndarray, np.ndarray]:
