@@ -22,6 +22,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_patch.cli_args import OneLineErrors
+
 # re-exported: callers use generate.generate / SamplingParams / next_token
 from megatron_patch.inference.recompute import generate  # noqa: F401
 from megatron_patch.inference.sampling import SamplingParams, next_token  # noqa: F401
@@ -121,7 +123,7 @@ def setup_from_args(a):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Generate text from a Megatron checkpoint.")
+    p = OneLineErrors(description="Generate text from a Megatron checkpoint.")
     add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for several")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")

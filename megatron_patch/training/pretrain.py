@@ -44,6 +44,8 @@ def main(argv=None) -> int:
 
     from megatron_patch import parallel
     from megatron_patch.checkpoint import UnsafeCheckpointError
+    from megatron_patch.data.problems import InputError
+    from megatron_patch.fsutil import os_error_message
     from megatron_patch.training.config import TrainingStopped
     from megatron_patch.training.loop import train
     parallel.init_distributed()
@@ -52,9 +54,16 @@ def main(argv=None) -> int:
     say = int(os.environ.get("RANK", "0")) == 0
     try:
         train(cfg)
-    except (ConfigError, UnsafeCheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, UnsafeCheckpointError, InputError) as exc:
         if say:
             print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:  # a missing file, a full disk (a checkpoint save), permissions
+        if os.environ.get("MP_DEBUG") == "1":
+            raise
+        if say:
+            msg = os_error_message(exc) if exc.errno is not None else str(exc)
+            print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
         return 2
     except (ValueError, KeyError) as exc:  # a checkpoint or dataset that does not fit
         if os.environ.get("MP_DEBUG") == "1":

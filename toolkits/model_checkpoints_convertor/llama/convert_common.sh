@@ -14,8 +14,7 @@ mp_convert() {
     shift 3
     local bad=0
     if [ "$#" -ne 9 ] && [ "$#" -ne 10 ]; then
-        echo "$script: error: expected 9 or 10 arguments ($MP_CONVERT_USAGE), got $#" >&2
-        echo "usage: bash $script $MP_CONVERT_USAGE  (MODEL_SIZE: $size_help)" >&2
+        echo "$script: error: expected 9 or 10 arguments, got $#; usage: bash $script $MP_CONVERT_USAGE (MODEL_SIZE: $size_help; --help for more)" >&2
         return 2
     fi
     local source="$2" target="$3" tp="$4" pp="$5" mg2hf="$6" check="$7" check_only="$8" pr="$9"
