@@ -14,6 +14,14 @@ def _tmp(path: str) -> str:
     return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{os.getpid()}")
 
 
+def _named(exc: OSError, path: str) -> OSError:
+    """The error with the file it was about: a write on a full disk raises ENOSPC naming no
+    file, and a user must learn which one (the final name, not our temporary one)."""
+    if exc.errno is None or (exc.filename and public_path(exc.filename) != path):
+        return exc
+    return type(exc)(exc.errno, exc.strerror, path)
+
+
 def atomic_copy(src: str, dst: str) -> None:
     """Copy src to dst; a crash leaves dst as it was (absent or the old file), never cut."""
     tmp = _tmp(dst)
@@ -21,6 +29,8 @@ def atomic_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, tmp)
         shutil.copymode(src, tmp)
         os.replace(tmp, dst)
+    except OSError as e:
+        raise _named(e, dst) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -33,6 +43,8 @@ def atomic_write_json(path: str, obj, indent: int = 2) -> None:
             json.dump(obj, f, indent=indent)
             f.write("\n")
         os.replace(tmp, path)
+    except OSError as e:
+        raise _named(e, path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -69,26 +81,26 @@ def public_path(path) -> str:
     return p
 
 
+_OS_ERRORS = {  # errno -> (what happened, what to do)
+    errno.ENOSPC: ("no space left on device, the disk is full",
+                   "free space there or choose another output directory; nothing was published"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there or choose another output directory"),
+    errno.EACCES: ("permission denied", "choose a location you can write to (or read)"),
+    errno.EPERM: ("operation not permitted", "choose a location you can write to"),
+    errno.EROFS: ("read-only file system", "choose a writable output directory"),
+    errno.EEXIST: ("a file is in the way where a directory is needed",
+                   "remove it or choose another path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose another path"),
+    errno.EISDIR: ("a directory, not a file", "give a file name"),
+    errno.ENOENT: ("no such file or directory", None),
+}
+
+
 def os_error_message(exc: OSError, path=None) -> str:
     """One line for an OSError met while reading or writing ``path`` (default: the error's
-    own file name): what happened, where, and what to do. Internal temporary names are
+    own file name; "" for none): "what (path): what to do". Our temporary names are
     replaced by the real ones."""
-    where = public_path(path if path is not None else (exc.filename or "?"))
-    code = exc.errno
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on device (disk full) while writing {where}: free space "
-                "there or choose another output directory; nothing was published")
-    if code in (errno.EACCES, errno.EPERM):
-        return f"permission denied: {where}: choose a location you can write to (or read)"
-    if code == errno.EROFS:
-        return f"read-only file system: {where}: choose a writable output directory"
-    if code == errno.EEXIST:
-        return (f"{where} exists and is a file where a directory is needed: remove it or "
-                "choose another path")
-    if code == errno.ENOTDIR:
-        return f"{where}: a part of this path is a file, not a directory: choose another path"
-    if code == errno.EISDIR:
-        return f"{where} is a directory: give a file name"
-    if code == errno.ENOENT:
-        return f"{where}: no such file or directory"
-    return f"{where}: {exc.strerror or exc}"
+    name = path if path is not None else exc.filename
+    what, advice = _OS_ERRORS.get(exc.errno, (exc.strerror or str(exc), None))
+    msg = what + (f" ({public_path(name)})" if name else "")
+    return msg + (f": {advice}" if advice else "")

@@ -49,10 +49,10 @@ def save_rank_file(path: str, state: dict) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno is None:
+    except OSError as e:  # the file the user will look for, not our temporary name
+        if e.errno is None or (e.filename and e.filename not in (tmp, path)):
             raise
-        raise OSError(e.errno, e.strerror, path) from e
+        raise type(e)(e.errno, e.strerror, path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

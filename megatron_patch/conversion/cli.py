@@ -155,8 +155,10 @@ def error_line(e: Exception, req: Optional[Request]) -> str:
         # a write that failed without a file name (os.write on a full disk) happened under
         # TARGET: the only place a conversion writes
         where = public_path(e.filename) if e.filename else target
+        if target and where == target:
+            return f"TARGET_CKPT_PATH={req.target}: {os_error_message(e, '')}"
         msg = os_error_message(e, where)
-        if target and where and (where == target or where.startswith(target + os.sep)):
+        if target and where and where.startswith(target + os.sep):
             msg = f"TARGET_CKPT_PATH={req.target}: {msg}"
         return msg
     return public_path(str(e))

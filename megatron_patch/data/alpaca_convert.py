@@ -34,7 +34,7 @@ def convert_alpaca_file(inputs: Union[str, Sequence[str]], output_path: str,
                 except RecordError as exc:
                     log.add(Problem(chunk.source, line, exc.kind, exc.detail, chunk.unit))
     if not records:
-        raise log.nothing_written("alpaca records", files)
+        raise log.nothing_left("alpaca records to convert", files)
     tmp = tmp_path(output_path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:

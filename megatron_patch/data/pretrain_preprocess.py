@@ -123,7 +123,7 @@ def preprocess_pretrain(inputs: Union[str, Sequence[str]], tokenizer, output_pre
                 writer.add_documents(ids, lengths)
             progress.update(nbytes, len(per_key[0][1]), sum(int(ids.size) for ids, _ in per_key))
         if writers[0].num_documents == 0:
-            raise log.nothing_written("documents", files)
+            raise log.nothing_left("documents to write", files)
         group.commit()
     except BaseException:
         group.abort()

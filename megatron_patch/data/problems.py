@@ -47,7 +47,7 @@ class StrictStop(InputError):
 class ProblemLog:
     """Counts skipped records and prints the first ``max_print``. Until the first good record
     is ``accept``ed the lines are held back: input where every record is bad then ends in
-    one error line (``nothing_written``) naming the first problem, not a screenful."""
+    one error line (``nothing_left``) naming the first problem, not a screenful."""
 
     def __init__(self, strict: bool = False, max_print: int = 20, stream=None, write=None):
         self.strict = strict
@@ -93,11 +93,12 @@ class ProblemLog:
         parts = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
         return f"skipped {self.total} record{'s' if self.total != 1 else ''}: {parts}"
 
-    def nothing_written(self, what: str, files) -> InputError:
-        """The error for a run that found no good record in ``files``."""
+    def nothing_left(self, what: str, files) -> InputError:
+        """The error for a run that found no good record in ``files`` (``what``: e.g.
+        "documents to write")."""
         files = list(files)
         names = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         if not self.total:
-            return InputError(f"no {what} to write: {names} holds no records (empty input)")
-        return InputError(f"no {what} to write: every record of {names} was skipped "
+            return InputError(f"no {what}: {names} holds no records (empty input)")
+        return InputError(f"no {what}: every record of {names} was skipped "
                           f"({self.summary()}; the first: {self.first})")

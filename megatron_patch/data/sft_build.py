@@ -128,7 +128,7 @@ def build_idxmap_sft_dataset(inputs: Union[str, Sequence[str]], tokenizer, outpu
             progress.update(enc.nbytes, docs, tokens)
         packer.flush()
         if packer.samples == 0:
-            raise log.nothing_written("SFT samples", files)
+            raise log.nothing_left("SFT samples to write", files)
         meta = {"format": FORMAT, "generation": encoder.generation, "seq_length": seq_length,
                 "packing": packing, "tokenizer": os.path.abspath(tok.name_or_path),
                 "vocab_size": tok.vocab_size, "samples": packer.samples,

@@ -76,7 +76,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self._packs: List[List[int]] = next_fit_packs(lengths, seq_len + 1) if packing \
             else [[i] for i in range(len(lengths))]
         if not self._packs:
-            raise log.nothing_written("SFT samples", [path])
+            raise log.nothing_left("SFT samples to train on", [path])
 
     # -- sources ---------------------------------------------------------------------------
     def _load_raw(self, path: str, log: ProblemLog) -> List[int]:

@@ -151,7 +151,7 @@ class Chat:
 def main(argv=None) -> int:
     from megatron_patch.inference import generate as g
 
-    p = OneLineErrors(description="Chat with a Megatron checkpoint (You >> prompt).")
+    p = OneLineErrors(prog="chat", description="Chat with a Megatron checkpoint (You >> prompt).")
     g.add_model_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--chat-template", default=None,
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         params = g.sampling_from_args(a)
         runner, tok, tok_dir = g.setup_from_args(a)
     except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     template = chat_template(tok, tok_dir, runner.arch.generation, a.chat_template)
     chat = Chat(g.engine_from_args(a, runner), tok, g.eos_ids_of(tok, runner.config_dir),

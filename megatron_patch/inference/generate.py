@@ -123,7 +123,7 @@ def setup_from_args(a):
 
 
 def main(argv=None) -> int:
-    p = OneLineErrors(description="Generate text from a Megatron checkpoint.")
+    p = OneLineErrors(prog="generate", description="Generate text from a Megatron checkpoint.")
     add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for several")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--max-batch-size must be >= 1, got {a.max_batch_size}")
         runner, tok, tok_dir = setup_from_args(a)
     except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     eos = eos_ids_of(tok, runner.config_dir)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
