@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import json
 import os
 import re
 import sys
 
 from megatron_patch.checkpoint.hf_layout import hf_weights_problem
 from megatron_patch.checkpoint.layout import find_checkpoint
-from megatron_patch.models.llama.resolve import ArchError, read_hf_config
 
 from . import task_data
 from .task_catalog import task_table
@@ -72,10 +72,12 @@ def check_model(model: str, model_args: dict) -> None:
                 raise PreflightError(f"{path} is not an HF model directory (no config.json); "
                                      "for a Megatron checkpoint use --model megatron_patch "
                                      "--model_args load=<dir>, or convert it with mg2hf=true")
-            try:
-                read_hf_config(os.path.join(p, "config.json"))
-            except ArchError as e:
-                raise PreflightError(str(e)) from None
+            cfg = os.path.join(p, "config.json")
+            try:  # any architecture lm-eval's hf model takes: only its JSON is checked
+                with open(cfg, encoding="utf-8") as f:
+                    json.load(f)
+            except ValueError as e:
+                raise PreflightError(f"{cfg}: not valid JSON ({e})") from None
             why = hf_weights_problem(p)
             if why:
                 raise PreflightError(why)
