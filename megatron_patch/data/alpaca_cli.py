@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 from megatron_patch.cli_args import OneLineErrors, check_output_path
 from megatron_patch.fsutil import os_error_message
@@ -39,7 +38,6 @@ def main(argv=None) -> int:
     if same:
         p.error(f"--output_path {args.output_path} is also the input: it would be overwritten; "
                 "choose another file name")
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from megatron_patch.data.alpaca_convert import convert_alpaca_file
     from megatron_patch.data.problems import InputError

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from megatron_patch.cli_args import OneLineErrors, check_output_path
 from megatron_patch.fsutil import os_error_message
@@ -68,8 +67,6 @@ def main(argv=None) -> int:
     if args.log_interval < 0:
         parser.error("--log-interval must be >= 0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # megatron-core (imported with megatron_patch) warns about TE/apex; irrelevant here
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from megatron_patch.data.pretrain_preprocess import preprocess_pretrain
     from megatron_patch.data.problems import InputError

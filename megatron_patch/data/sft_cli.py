@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from megatron_patch.cli_args import OneLineErrors, check_output_path
 from megatron_patch.fsutil import os_error_message
@@ -86,7 +85,6 @@ def main(argv=None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from megatron_patch.data.problems import InputError
     from megatron_patch.data.sft_build import build_idxmap_sft_dataset, idxmap_paths

@@ -98,7 +98,7 @@ def setup_from_args(a):
     from megatron_patch import parallel
     from megatron_patch.inference.loading import find_checkpoint, load_model, resolve_arch
     from megatron_patch.inference.runner import ModelRunner
-    from megatron_patch.tokenizer import load_tokenizer
+    from megatron_patch.tokenizer import load_tokenizer, tokenizer_size
 
     ckpt = find_checkpoint(a.load)
     arch = resolve_arch(a.load, a.hf_config, a.model_size)
@@ -109,6 +109,10 @@ def setup_from_args(a):
     if tok_dir is None:
         raise ValueError("no tokenizer next to the checkpoint: pass --tokenizer <HF tokenizer "
                          "directory>")
+    n = tokenizer_size(tok_dir) if os.path.isdir(tok_dir) else None
+    if n is not None and n > arch.vocab_size:  # its ids would index past the embedding
+        raise ValueError(f"--tokenizer {tok_dir}: {n} tokens, but the model's vocabulary holds "
+                         f"{arch.vocab_size}: not this model's tokenizer")
     tokenizer = load_tokenizer(tok_dir)
     _, world, _ = parallel.init_distributed()
     if world != a.tp * a.pp:

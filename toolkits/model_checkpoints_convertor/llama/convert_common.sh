@@ -46,11 +46,8 @@ mp_convert() {
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
     mp_python "$script" "$repo" || return 2
     local py="$MP_PYTHON"
-    # megatron-core warns at import that TE/apex are absent; the converter needs neither
-    local quiet="ignore:Transformer Engine and Apex are not installed,ignore:Apex is not installed"
     # the converter is CPU work (streaming I/O; the check runs both models on the CPU)
     MEGATRON_PATCH_BACKEND="${MEGATRON_PATCH_BACKEND:-cpu}" \
-    PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}$quiet" \
     PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$py" -m megatron_patch.conversion.cli \
         "$model" "$source" "$target" "$tp" "$pp" "$mg2hf" "$check" "$check_only" "$pr" ${hf_path:+"$hf_path"}
 }
