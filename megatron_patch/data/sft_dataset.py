@@ -73,6 +73,7 @@ class SFTDataset(torch.utils.data.Dataset):
         # per sample (or stored pack): its length after truncation
         lengths = self._open_idxmap(path, log) if kind == "idxmap" else self._load_raw(path, log)
         self.skipped = dict(log.counts)
+        self._lengths = lengths
         self._packs: List[List[int]] = next_fit_packs(lengths, seq_len + 1) if packing \
             else [[i] for i in range(len(lengths))]
         if not self._packs:
@@ -155,6 +156,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._packs)
+
+    def num_tokens(self, idx: int) -> int:
+        """Input positions of item ``idx`` that hold sample tokens, not padding (what a
+        tokens/s figure counts)."""
+        return min(sum(self._lengths[i] for i in self._packs[idx]), self.seq_len)
 
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
         parts = [self.sample(i) for i in self._packs[idx]]
