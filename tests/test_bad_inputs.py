@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import builtins
 import errno
-import io
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace

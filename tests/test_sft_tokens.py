@@ -4,11 +4,7 @@ items the trainer gets, and the trainer's logged tokens/s times the step time is
 count. The reference pads with an id no tokenizer produces, so padding is unmistakable."""
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
-import torch
 
 from train_helpers import make_world
 

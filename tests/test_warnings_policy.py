@@ -4,7 +4,6 @@ fallback notes become one short line. The filters live in megatron_patch/warning
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
