@@ -45,17 +45,19 @@ class CyclicShuffled:
     def __getitem__(self, k: int):
         return self.dataset[self._index(k)]
 
-    def num_tokens(self, k: int) -> int:
-        return self.dataset.num_tokens(self._index(k))
+    def num_tokens(self, k: int) -> Optional[int]:
+        inner = getattr(self.dataset, "num_tokens", None)
+        return inner(self._index(k)) if inner else None
 
 
 def real_tokens(dataset, start: int, count: int, seq_len: int) -> int:
     """Tokens (not padding) in samples ``[start, start + count)`` of a stream: from the
     dataset's ``num_tokens`` when it pads (SFT), else every position (pretraining samples
     are full). The same on every rank: no data is read, no collective needed."""
-    if not hasattr(dataset, "num_tokens"):
+    fn = getattr(dataset, "num_tokens", None)
+    if fn is None:
         return count * seq_len
-    return sum(dataset.num_tokens(k) for k in range(start, start + count))
+    return sum(seq_len if n is None else n for n in map(fn, range(start, start + count)))
 
 
 def sft_sample(item: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
