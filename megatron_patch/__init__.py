@@ -28,19 +28,9 @@ def _check_megatron_core() -> None:
 _check_megatron_core()
 
 
-def _quiet_torchao_import() -> None:
-    """torchao (the fp8 path without Transformer Engine) logs a warning for each of its CUDA
-    kernel libraries that a CPU-only torch cannot load, and torch warns about its enum
-    registration; transformers imports torchao whenever a model class is used, so without
-    this every converter/chat/eval run would print them. Only those messages are dropped."""
-    import logging
-    logging.getLogger("torchao").addFilter(lambda r: not r.getMessage().startswith(
-        ("Failed to load", "Skipping import of cpp extensions")))
-    logging.getLogger("torch.utils._pytree").addFilter(
-        lambda r: "is an Enum subclass and is now natively supported" not in r.getMessage())
+from .warnings_policy import quiet_imports  # noqa: E402
 
-
-_quiet_torchao_import()
+quiet_imports()  # library notes irrelevant to users, before anything imports torch
 
 from .backends import active_backend, requested_choice, select_backend  # noqa: E402
 from .backends.registry import when_imported  # noqa: E402

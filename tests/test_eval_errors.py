@@ -197,7 +197,8 @@ def test_wrong_checkpoint_path_in_library_and_clis(tmp_path, capsys):
     assert eval_main(["--model", "megatron_patch", "--model_args", f"load={tmp_path / 'nope'}",
                       "--tasks", "mp_tiny_mmlu", "--include_path", TASKS_DIR]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"error: checkpoint directory not found: {tmp_path / 'nope'}"] * 3
+    msg = f"error: checkpoint directory not found: {tmp_path / 'nope'}"
+    assert err == [f"generate: {msg}", f"chat: {msg}", msg]
 
 
 def test_run_script_argument_errors(tmp_path):

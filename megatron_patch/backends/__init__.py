@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from megatron_patch import warnings_policy
+
 from .base import Backend
 from .registry import PatchRegistry, PatchTargetError
 
@@ -64,6 +66,8 @@ def select_backend(choice: Optional[str] = None) -> Backend:
                 f"backend {_active.name!r} is already active; cannot switch to {name!r} "
                 "in the same process")
         return _active
+    # the warnings this backend makes irrelevant are filtered before it imports megatron-core
+    warnings_policy.install(name)
     backend = _classes()[name]()
     backend.activate()
     _active = backend

@@ -20,6 +20,7 @@ import torch
 from megatron_patch.models.llama import mapping
 from megatron_patch.models.llama.parallel_layout import check_layout
 from megatron_patch.models.llama.arch import LlamaArch
+from megatron_patch.models.llama.resolve import read_hf_config
 
 from .dist_format import DistFile, model_tensors, read_common
 from .layout import CheckpointDir, Iteration, find_checkpoint
@@ -274,7 +275,7 @@ def checkpoint_arch(ckpt: CheckpointDir, source: Optional[StateSource] = None) -
         return LlamaArch(**d)
     cfg = os.path.join(ckpt.root, "config.json")
     if os.path.isfile(cfg):
-        return LlamaArch.from_hf_config(cfg)
+        return read_hf_config(cfg)  # a bad file: one line naming it (ArchError)
     return None
 
 

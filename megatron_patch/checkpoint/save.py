@@ -38,11 +38,24 @@ def begin_save(root: str, iteration: Iteration) -> str:
 
 
 def save_rank_file(path: str, state: dict) -> None:
-    """torch.save ``state`` to ``path`` via a temp file and rename (creates parent dirs)."""
+    """torch.save ``state`` to ``path`` via a temp file and rename (creates parent dirs).
+
+    torch.save is given a Python file, not the path: with a path its C++ writer reports a
+    full disk as "basic_ios::clear: iostream error"; through a file object the write raises
+    OSError(ENOSPC), re-raised here naming ``path``. The cut temp file is removed."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except OSError as e:  # the file the user will look for, not our temporary name
+        if e.errno is None or (e.filename and e.filename not in (tmp, path)):
+            raise
+        raise type(e)(e.errno, e.strerror, path) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def commit_save(root: str, iteration: Iteration, update_tracker: bool = True) -> str:

@@ -128,6 +128,7 @@ def parse(argv) -> Request:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    req = None
     try:
         req = parse(argv)
         from .commands import run_hf2mcore, run_mg2hf
@@ -136,12 +137,31 @@ def main(argv=None) -> int:
             from .meta_commands import run_meta
             return run_meta(req)
         return run_mg2hf(req) if req.mg2hf else run_hf2mcore(req)
-    except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
+    except (UsageError, ValueError, FileNotFoundError, KeyError, OSError) as e:
         if os.environ.get("MP_DEBUG") == "1":
             raise
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"hf2mcore: error: {msg}", file=sys.stderr)
+        print(f"hf2mcore: error: {error_line(e, req)}", file=sys.stderr)
         return 2
+
+
+def error_line(e: Exception, req: Optional[Request]) -> str:
+    """The one line for a failed conversion; OS errors name the user's path (never our
+    staging names) and say what to do."""
+    from megatron_patch.fsutil import os_error_message, public_path
+    if isinstance(e, KeyError):
+        return f"missing entry {e.args[0]!r} (MP_DEBUG=1 shows where)" if e.args else str(e)
+    if isinstance(e, OSError) and e.errno is not None:  # from the OS, not our own message
+        target = os.path.abspath(req.target) if req is not None and req.target else None
+        # a write that failed without a file name (os.write on a full disk) happened under
+        # TARGET: the only place a conversion writes
+        where = public_path(e.filename) if e.filename else target
+        if target and where == target:
+            return f"TARGET_CKPT_PATH={req.target}: {os_error_message(e, '')}"
+        msg = os_error_message(e, where)
+        if target and where and where.startswith(target + os.sep):
+            msg = f"TARGET_CKPT_PATH={req.target}: {msg}"
+        return msg
+    return public_path(str(e))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,23 @@ def layout_checks(arch, tp: int, pp: int, pp0, vp=None) -> None:
         raise UsageError(str(e)) from None
 
 
+def check_tokenizer_fits(tok_dir: Optional[str], arch, name: str) -> None:
+    """A tokenizer whose ids run past the model's vocabulary is the wrong tokenizer for it
+    (every id >= vocab_size would index past the embedding): refused before converting,
+    not copied along to fail later in training."""
+    from megatron_patch.tokenizer import TokenizerError, tokenizer_size
+    if not tok_dir or not os.path.isdir(tok_dir):
+        return
+    try:
+        n = tokenizer_size(tok_dir)
+    except TokenizerError as e:
+        raise UsageError(f"{name}={tok_dir}: {e}") from None
+    if n is not None and n > arch.vocab_size:
+        raise UsageError(f"{name}={tok_dir}: its tokenizer has {n} tokens but the model's "
+                         f"vocabulary (vocab_size) holds {arch.vocab_size}: this is not the "
+                         f"model's tokenizer; put the model's own tokenizer files there")
+
+
 def run_check(ref, test, arch, req, tokenizer_dir) -> bool:
     """The streamed per-point table (stream_check): ``ref`` HF side, ``test`` megatron side."""
     from .stream_check import stream_parity  # imports transformers: only when checking
@@ -86,6 +103,7 @@ def run_hf2mcore(req) -> int:
     except ArchError as e:
         raise UsageError(str(e)) from None
     layout_checks(arch, req.tp, req.pp, req.pp0_layers, req.vp)
+    check_tokenizer_fits(src, arch, "SOURCE_CKPT_PATH")
     hf = HFCheckpoint(src)
 
     def side_files(staging):  # config.json and the tokenizer files go along
@@ -149,6 +167,7 @@ def hf_config_json(arch, precision: str, template_dir: Optional[str] = None) -> 
     cfg = None
     tpl = os.path.join(template_dir, "config.json") if template_dir else None
     if tpl and os.path.isfile(tpl):
+        read_hf_config(tpl)  # a damaged file: one line naming it
         with open(tpl) as f:
             cand = json.load(f)
         if not arch_differences(LlamaArch.from_hf_config(cand), arch):
@@ -216,6 +235,7 @@ def run_mg2hf(req) -> int:
 def _mg2hf(req, ckpt, source) -> int:
     arch = _mcore_arch(req, ckpt, source)
     side_src = req.hf_path or ckpt.root  # config/tokenizer files
+    check_tokenizer_fits(side_src, arch, "HF_CKPT_PATH" if req.hf_path else "SOURCE_CKPT_PATH")
     dtype, t0 = DTYPES[req.precision], time.time()
 
     if req.check_only:  # the checkpoint against HF_CKPT_PATH's weights (else its own export)
@@ -227,14 +247,14 @@ def _mg2hf(req, ckpt, source) -> int:
         return 0 if ok else 1
 
     files = []
+    config = hf_config_json(arch, req.precision, side_src)  # checked before writing
 
     def write(staging):
         writer = SafetensorsStreamWriter(staging, mapping.hf_tensor_plan(arch), dtype,
                                          req.shard_bytes)
         mcore_to_hf(source, arch, writer, progress_bar())
         files.extend(writer.close())
-        write_json(os.path.join(staging, "config.json"),
-                   hf_config_json(arch, req.precision, side_src))
+        write_json(os.path.join(staging, "config.json"), config)
         copy_side_files(side_src, staging)
 
     def verify(staging):  # the exported HF files against the megatron checkpoint

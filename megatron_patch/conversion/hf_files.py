@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_patch.checkpoint import fileio
+from megatron_patch.checkpoint.hf_layout import (read_safetensors_header,  # noqa: F401
+                                                 read_weight_map, safetensors_problem)
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -31,21 +33,6 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model",
               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-
-
-def read_safetensors_header(path: str) -> dict:
-    """{name: {dtype, shape, data_offsets}} plus "__header_len__" (data starts at 8 + it)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    header["__header_len__"] = n
-    return header
 
 
 class HFCheckpoint:
@@ -68,8 +55,7 @@ class HFCheckpoint:
         for index_name, fmt in (("model.safetensors.index.json", "safetensors"),
                                 ("pytorch_model.bin.index.json", "bin")):
             if index_name in names:
-                with open(os.path.join(p, index_name)) as f:
-                    weight_map = json.load(f)["weight_map"]
+                weight_map = read_weight_map(os.path.join(p, index_name))
                 for file in sorted(set(weight_map.values())):
                     if not os.path.isfile(os.path.join(p, file)):
                         raise FileNotFoundError(f"{p}: {index_name} lists {file}, which is missing")
@@ -96,6 +82,9 @@ class HFCheckpoint:
         raise FileNotFoundError(f"{p}: no model weights (*.safetensors or pytorch_model*.bin)")
 
     def _add_safetensors(self, file: str) -> None:
+        why = safetensors_problem(file)  # a cut file: refused before anything is written
+        if why:
+            raise ValueError(why)
         header = read_safetensors_header(file)
         base = 8 + header.pop("__header_len__")
         for name, info in header.items():

@@ -21,7 +21,14 @@ def _inside(path: str, parent: str) -> bool:
 def check_target(req) -> None:
     t = req.target
     if os.path.exists(t) and not os.path.isdir(t):
-        raise UsageError(f"TARGET_CKPT_PATH={t}: exists and is not a directory")
+        raise UsageError(f"TARGET_CKPT_PATH={t} is an existing file, not a directory: remove "
+                         f"it or give a new directory name")
+    up = os.path.dirname(os.path.abspath(t))
+    while up and not os.path.exists(up):
+        up = os.path.dirname(up)
+    if up and not os.path.isdir(up):
+        raise UsageError(f"TARGET_CKPT_PATH={t}: {up} is a file, not a directory: choose "
+                         f"another TARGET")
     for name, p in (("SOURCE_CKPT_PATH", req.source), ("HF_CKPT_PATH", req.hf_path)):
         if p and _inside(p, t):
             raise UsageError(f"TARGET_CKPT_PATH={t} contains {name}={p}; choose another TARGET")

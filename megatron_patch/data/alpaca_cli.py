@@ -12,10 +12,11 @@ instruction ... ### Response:"), the file layout FastChat/MindFormers pipelines 
 """
 from __future__ import annotations
 
+import os
 import sys
-import warnings
 
-from megatron_patch.cli_args import OneLineErrors
+from megatron_patch.cli_args import OneLineErrors, check_output_path
+from megatron_patch.fsutil import os_error_message
 
 
 def main(argv=None) -> int:
@@ -29,15 +30,25 @@ def main(argv=None) -> int:
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad record instead of skipping it")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    check_output_path(p, "--output_path", args.output_path)
+    if not args.output_path.endswith((".json", ".jsonl")):
+        p.error(f"--output_path {args.output_path}: give a .json (one array) or .jsonl file name")
+    same = [d for d in args.data_path if os.path.isfile(d) and os.path.exists(args.output_path)
+            and os.path.samefile(d, args.output_path)]
+    if same:
+        p.error(f"--output_path {args.output_path} is also the input: it would be overwritten; "
+                "choose another file name")
 
     from megatron_patch.data.alpaca_convert import convert_alpaca_file
     from megatron_patch.data.problems import InputError
 
     try:
         r = convert_alpaca_file(args.data_path, args.output_path, args.prompt_style, args.strict)
-    except (InputError, ValueError, OSError) as exc:
+    except (InputError, ValueError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, a file where a directory must be...
+        print(f"{p.prog}: error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     print(f"wrote {r['records']} conversations to {args.output_path}; skipped {r['skipped']}")
     return 0

@@ -30,11 +30,11 @@ def convert_alpaca_file(inputs: Union[str, Sequence[str]], output_path: str,
                     continue
                 try:
                     records.append(alpaca_to_conversation(rec, len(records) + 1, prompt_style))
+                    log.accept()
                 except RecordError as exc:
                     log.add(Problem(chunk.source, line, exc.kind, exc.detail, chunk.unit))
     if not records:
-        raise InputError("no alpaca records to convert" +
-                         (f" ({log.summary()})" if log.total else ""))
+        raise log.nothing_left("alpaca records to convert", files)
     tmp = tmp_path(output_path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:

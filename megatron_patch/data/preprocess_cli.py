@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
-from megatron_patch.cli_args import OneLineErrors
+from megatron_patch.cli_args import OneLineErrors, check_output_path
+from megatron_patch.fsutil import os_error_message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_output_path(parser, "--output-prefix", args.output_prefix)
     if args.handler_name not in ("GeneralPretrainHandler", "AlpacaPretrainHandler"):
         hint = (" (instruction data for SFT: toolkits/sft_data_preprocessing/"
                 "build_idxmap_sft_dataset.py)" if "Instruction" in args.handler_name else "")
@@ -66,8 +67,6 @@ def main(argv=None) -> int:
     if args.log_interval < 0:
         parser.error("--log-interval must be >= 0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # megatron-core (imported with megatron_patch) warns about TE/apex; irrelevant here
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from megatron_patch.data.pretrain_preprocess import preprocess_pretrain
     from megatron_patch.data.problems import InputError
@@ -79,8 +78,11 @@ def main(argv=None) -> int:
             handler_name=args.handler_name, append_eod=args.append_eod, workers=args.workers,
             log_interval=args.log_interval, strict=args.strict,
             add_special_tokens=not args.no_bos, txt_mode=args.txt_mode, quiet=args.quiet)
-    except (InputError, TokenizerError, ValueError, OSError) as exc:
+    except (InputError, TokenizerError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, a file where a directory must be...
+        print(f"{parser.prog}: error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; no output written", file=sys.stderr)

@@ -117,12 +117,13 @@ def preprocess_pretrain(inputs: Union[str, Sequence[str]], tokenizer, output_pre
         for per_key, problems, nbytes in results:
             for problem in problems:
                 log.add(problem)  # raises StrictStop with --strict
+            if len(per_key[0][1]):
+                log.accept()
             for writer, (ids, lengths) in zip(writers, per_key):
                 writer.add_documents(ids, lengths)
             progress.update(nbytes, len(per_key[0][1]), sum(int(ids.size) for ids, _ in per_key))
         if writers[0].num_documents == 0:
-            raise InputError("no documents to write: every record was skipped or the input is "
-                             "empty" + (f" ({log.summary()})" if log.total else ""))
+            raise log.nothing_left("documents to write", files)
         group.commit()
     except BaseException:
         group.abort()

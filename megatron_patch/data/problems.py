@@ -45,10 +45,17 @@ class StrictStop(InputError):
 
 
 class ProblemLog:
+    """Counts skipped records and prints the first ``max_print``. Until the first good record
+    is ``accept``ed the lines are held back: input where every record is bad then ends in
+    one error line (``nothing_left``) naming the first problem, not a screenful."""
+
     def __init__(self, strict: bool = False, max_print: int = 20, stream=None, write=None):
         self.strict = strict
         self.max_print = max_print
         self.counts: Counter = Counter()
+        self.first = None  # the first Problem
+        self.accepted = False
+        self._held: list = []
         self._write = write or (lambda msg: print(msg, file=stream or sys.stderr, flush=True))
 
     @property
@@ -59,13 +66,39 @@ class ProblemLog:
         if self.strict:
             raise StrictStop(f"{problem} [--strict: stopping at the first bad record]")
         self.counts[problem.kind] += 1
+        if self.first is None:
+            self.first = problem
         if self.total <= self.max_print:
-            self._write(f"skipped {problem}")
+            self._emit(f"skipped {problem}")
         elif self.total == self.max_print + 1:
-            self._write(f"(more skipped records are only counted; summary at the end)")
+            self._emit("(more skipped records are only counted; summary at the end)")
+
+    def _emit(self, msg: str) -> None:
+        if self.accepted:
+            self._write(msg)
+        else:
+            self._held.append(msg)
+
+    def accept(self) -> None:
+        """A good record went through: print what was held back, print from now on."""
+        if not self.accepted:
+            self.accepted = True
+            for msg in self._held:
+                self._write(msg)
+            self._held = []
 
     def summary(self) -> str:
         if not self.counts:
             return "skipped 0 records"
         parts = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
         return f"skipped {self.total} record{'s' if self.total != 1 else ''}: {parts}"
+
+    def nothing_left(self, what: str, files) -> InputError:
+        """The error for a run that found no good record in ``files`` (``what``: e.g.
+        "documents to write")."""
+        files = list(files)
+        names = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        if not self.total:
+            return InputError(f"no {what}: {names} holds no records (empty input)")
+        return InputError(f"no {what}: every record of {names} was skipped "
+                          f"({self.summary()}; the first: {self.first})")

@@ -120,6 +120,7 @@ def build_idxmap_sft_dataset(inputs: Union[str, Sequence[str]], tokenizer, outpu
                 if isinstance(item, Problem):
                     log.add(item)
                 else:
+                    log.accept()
                     packer.add(*item)
                     docs += 1
                     tokens += len(item[0])
@@ -127,8 +128,7 @@ def build_idxmap_sft_dataset(inputs: Union[str, Sequence[str]], tokenizer, outpu
             progress.update(enc.nbytes, docs, tokens)
         packer.flush()
         if packer.samples == 0:
-            raise InputError("no SFT samples to write: every record was skipped or the input "
-                             "is empty" + (f" ({log.summary()})" if log.total else ""))
+            raise log.nothing_left("SFT samples to write", files)
         meta = {"format": FORMAT, "generation": encoder.generation, "seq_length": seq_length,
                 "packing": packing, "tokenizer": os.path.abspath(tok.name_or_path),
                 "vocab_size": tok.vocab_size, "samples": packer.samples,

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
-from megatron_patch.cli_args import OneLineErrors
+from megatron_patch.cli_args import OneLineErrors, check_output_path
+from megatron_patch.fsutil import os_error_message
 
 
 GENERATION_CHOICES = ["llama", "llama1", "llama2", "llama3", "llama3_1"]
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_output_path(parser, "--output-prefix", args.output_prefix)
     if args.seq_length < 2:
         parser.error("--seq-length must be >= 2")
     if args.workers < 1:
@@ -84,7 +85,6 @@ def main(argv=None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from megatron_patch.data.problems import InputError
     from megatron_patch.data.sft_build import build_idxmap_sft_dataset, idxmap_paths
@@ -96,8 +96,11 @@ def main(argv=None) -> int:
                                      packing=args.packing, workers=args.workers,
                                      strict=args.strict, log_interval=args.log_interval,
                                      quiet=args.quiet)
-    except (InputError, TokenizerError, ValueError, OSError) as exc:
+    except (InputError, TokenizerError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, a file where a directory must be...
+        print(f"{parser.prog}: error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; no output written", file=sys.stderr)

@@ -73,11 +73,11 @@ class SFTDataset(torch.utils.data.Dataset):
         # per sample (or stored pack): its length after truncation
         lengths = self._open_idxmap(path, log) if kind == "idxmap" else self._load_raw(path, log)
         self.skipped = dict(log.counts)
+        self._lengths = lengths
         self._packs: List[List[int]] = next_fit_packs(lengths, seq_len + 1) if packing \
             else [[i] for i in range(len(lengths))]
         if not self._packs:
-            raise InputError(f"{path}: no SFT samples" +
-                             (f" ({log.summary()})" if log.total else ""))
+            raise log.nothing_left("SFT samples to train on", [path])
 
     # -- sources ---------------------------------------------------------------------------
     def _load_raw(self, path: str, log: ProblemLog) -> List[int]:
@@ -88,6 +88,7 @@ class SFTDataset(torch.utils.data.Dataset):
                 if isinstance(item, Problem):
                     log.add(item)
                 else:
+                    log.accept()
                     self._samples.append(item)
         return [len(ids) for ids, _ in self._samples]
 
@@ -128,6 +129,8 @@ class SFTDataset(torch.utils.data.Dataset):
                     log.add(Problem(prefix, d, "no answer token within seq_len",
                                           f"seq_len {self.seq_len}", unit="sample"))
         self._doc_map = np.nonzero(keep)[0]
+        if keep.any():
+            log.accept()
         return [int(n) for n in lengths[keep]]
 
     def _doc(self, d: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -153,6 +156,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._packs)
+
+    def num_tokens(self, idx: int) -> int:
+        """Input positions of item ``idx`` that hold sample tokens, not padding (what a
+        tokens/s figure counts)."""
+        return min(sum(self._lengths[i] for i in self._packs[idx]), self.seq_len)
 
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
         parts = [self.sample(i) for i in self._packs[idx]]

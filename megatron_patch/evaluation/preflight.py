@@ -16,9 +16,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import json
 import os
 import re
 import sys
+
+from megatron_patch.checkpoint.hf_layout import hf_weights_problem
+from megatron_patch.checkpoint.layout import find_checkpoint
 
 from . import task_data
 from .task_catalog import task_table
@@ -68,6 +72,15 @@ def check_model(model: str, model_args: dict) -> None:
                 raise PreflightError(f"{path} is not an HF model directory (no config.json); "
                                      "for a Megatron checkpoint use --model megatron_patch "
                                      "--model_args load=<dir>, or convert it with mg2hf=true")
+            cfg = os.path.join(p, "config.json")
+            try:  # any architecture lm-eval's hf model takes: only its JSON is checked
+                with open(cfg, encoding="utf-8") as f:
+                    json.load(f)
+            except ValueError as e:
+                raise PreflightError(f"{cfg}: not valid JSON ({e})") from None
+            why = hf_weights_problem(p)
+            if why:
+                raise PreflightError(why)
     elif model == "megatron_patch":
         load = model_args.get("load")
         if not load:
@@ -85,6 +98,10 @@ def check_model(model: str, model_args: dict) -> None:
             raise PreflightError(f"{load} is not a Megatron checkpoint: no "
                                  f"latest_checkpointed_iteration.txt and no mp_rank_* "
                                  f"folders{hint}")
+        try:  # every rank file whole (a cut file: one line here, not a traceback per rank)
+            find_checkpoint(p)
+        except (FileNotFoundError, ValueError) as e:
+            raise PreflightError(f"load={load}: {str(e).replace(f'{p}: ', '', 1)}") from None
         tok = model_args.get("tokenizer")
         if tok and not os.path.isdir(os.path.expanduser(tok)):
             raise PreflightError(f"tokenizer directory not found: {tok}")

@@ -13,12 +13,14 @@ A tokenizer without a chat template gets its generation's format
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
 import torch.distributed as dist
+
+from megatron_patch.cli_args import OneLineErrors
 
 PROMPT = "You >> "
 REPLY = "Assistant >> "
@@ -149,7 +151,7 @@ class Chat:
 def main(argv=None) -> int:
     from megatron_patch.inference import generate as g
 
-    p = argparse.ArgumentParser(description="Chat with a Megatron checkpoint (You >> prompt).")
+    p = OneLineErrors(prog="chat", description="Chat with a Megatron checkpoint (You >> prompt).")
     g.add_model_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--chat-template", default=None,
@@ -157,12 +159,14 @@ def main(argv=None) -> int:
     p.add_argument("--show-prompt", action="store_true",
                    help="print each prompt (JSON string) on stderr")
     a = p.parse_args(argv)
+    if a.chat_template and not os.path.isfile(a.chat_template):
+        p.error(f"--chat-template {a.chat_template}: no such file (a Jinja template file)")
     from megatron_patch.inference.loading import CheckpointError
     try:
         params = g.sampling_from_args(a)
         runner, tok, tok_dir = g.setup_from_args(a)
     except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     template = chat_template(tok, tok_dir, runner.arch.generation, a.chat_template)
     chat = Chat(g.engine_from_args(a, runner), tok, g.eos_ids_of(tok, runner.config_dir),

@@ -22,6 +22,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_patch.cli_args import OneLineErrors
+
 # re-exported: callers use generate.generate / SamplingParams / next_token
 from megatron_patch.inference.recompute import generate  # noqa: F401
 from megatron_patch.inference.sampling import SamplingParams, next_token  # noqa: F401
@@ -96,7 +98,7 @@ def setup_from_args(a):
     from megatron_patch import parallel
     from megatron_patch.inference.loading import find_checkpoint, load_model, resolve_arch
     from megatron_patch.inference.runner import ModelRunner
-    from megatron_patch.tokenizer import load_tokenizer
+    from megatron_patch.tokenizer import load_tokenizer, tokenizer_size
 
     ckpt = find_checkpoint(a.load)
     arch = resolve_arch(a.load, a.hf_config, a.model_size)
@@ -107,6 +109,10 @@ def setup_from_args(a):
     if tok_dir is None:
         raise ValueError("no tokenizer next to the checkpoint: pass --tokenizer <HF tokenizer "
                          "directory>")
+    n = tokenizer_size(tok_dir) if os.path.isdir(tok_dir) else None
+    if n is not None and n > arch.vocab_size:  # its ids would index past the embedding
+        raise ValueError(f"--tokenizer {tok_dir}: {n} tokens, but the model's vocabulary holds "
+                         f"{arch.vocab_size}: not this model's tokenizer")
     tokenizer = load_tokenizer(tok_dir)
     _, world, _ = parallel.init_distributed()
     if world != a.tp * a.pp:
@@ -121,7 +127,7 @@ def setup_from_args(a):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Generate text from a Megatron checkpoint.")
+    p = OneLineErrors(prog="generate", description="Generate text from a Megatron checkpoint.")
     add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for several")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--max-batch-size must be >= 1, got {a.max_batch_size}")
         runner, tok, tok_dir = setup_from_args(a)
     except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     eos = eos_ids_of(tok, runner.config_dir)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

@@ -6,6 +6,7 @@ tokenizer), Llama-3/3.1 a byte-level BPE ``tokenizer.json``; both load through
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable, List, Optional, Sequence
 
@@ -99,5 +100,44 @@ def load_tokenizer(path: str) -> Tokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises many types; keep one clear message
+        bad = _bad_json_file(path)
+        if bad:
+            raise TokenizerError(f"{bad[0]}: not valid JSON ({bad[1]}); cannot load the "
+                                 "tokenizer") from exc
         raise TokenizerError(f"{path}: cannot load tokenizer: {exc}") from exc
     return Tokenizer(hf, path)
+
+
+def _bad_json_file(path: str):
+    """(file, reason) of the first tokenizer JSON file in ``path`` that does not parse."""
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+                 "added_tokens.json"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    json.load(fh)
+            except ValueError as e:
+                return f, e
+    return None
+
+
+def tokenizer_size(path: str) -> Optional[int]:
+    """How many ids the tokenizer in folder ``path`` can produce (its highest id + 1), or
+    None when the folder holds no tokenizer. tokenizer.json is read as JSON (a tenth of a
+    second for Llama-3's, where loading the tokenizer takes seconds); a folder with only a
+    sentencepiece tokenizer.model is loaded."""
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tj):
+        try:
+            with open(tj, encoding="utf-8") as f:
+                data = json.load(f)
+            vocab = (data.get("model") or {}).get("vocab") or {}
+            added = [t["id"] for t in data.get("added_tokens") or []]
+        except (ValueError, AttributeError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{tj}: not a readable tokenizer.json ({e})") from None
+        ids = (list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]) + added
+        return max(ids) + 1 if ids else None
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        return load_tokenizer(path).vocab_size
+    return None

@@ -149,6 +149,17 @@ def _check_data(name: str, parts: List[str], kind: str) -> None:
             _check_prefix(name, p)
 
 
+def _check_output_dir(name: str, path: str) -> None:
+    """A directory we can create: not an existing file, nor under one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _err(name, path, "it is an existing file; give a directory (existing or new)")
+    up = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise _err(name, path, f"{up} is a file, not a directory; choose another path")
+
+
 def check_checkpoint(name: str, path: str, what: str) -> None:
     """A Megatron checkpoint directory with a complete, readable checkpoint in it."""
     if not os.path.isdir(path):
@@ -213,6 +224,7 @@ def build_config(args: List[str], generation: str, env: Optional[dict] = None,
     out = a["OUTPUT_BASEPATH"]
     if not out.strip():
         raise _err("OUTPUT_BASEPATH", out, "give an output directory")
+    _check_output_dir("OUTPUT_BASEPATH", out)
 
     # env knobs
     dataset_type = env.get("MP_DATASET_TYPE", "") or "idxmap"

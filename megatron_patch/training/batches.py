@@ -32,15 +32,32 @@ class CyclicShuffled:
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, k: int):
+    def _index(self, k: int) -> int:
         n = len(self.dataset)
         epoch, pos = divmod(int(k), n)
         if not self.shuffle:
-            return self.dataset[pos]
+            return pos
         if epoch != self._perm_epoch:
             self._perm = np.random.RandomState((self.seed + 7919 * epoch) % 2**32).permutation(n)
             self._perm_epoch = epoch
-        return self.dataset[int(self._perm[pos])]
+        return int(self._perm[pos])
+
+    def __getitem__(self, k: int):
+        return self.dataset[self._index(k)]
+
+    def num_tokens(self, k: int) -> Optional[int]:
+        inner = getattr(self.dataset, "num_tokens", None)
+        return inner(self._index(k)) if inner else None
+
+
+def real_tokens(dataset, start: int, count: int, seq_len: int) -> int:
+    """Tokens (not padding) in samples ``[start, start + count)`` of a stream: from the
+    dataset's ``num_tokens`` when it pads (SFT), else every position (pretraining samples
+    are full). The same on every rank: no data is read, no collective needed."""
+    fn = getattr(dataset, "num_tokens", None)
+    if fn is None:
+        return count * seq_len
+    return sum(seq_len if n is None else n for n in map(fn, range(start, start + count)))
 
 
 def sft_sample(item: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

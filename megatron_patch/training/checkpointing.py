@@ -241,7 +241,7 @@ def save_checkpoint(run, iteration: int) -> str:
             if is_distributed(opt):
                 state = opt.get_parameter_state_dp_zero()
                 if opt.data_parallel_group.rank() == 0:
-                    torch.save(state, f)
+                    ckpt_lib.save_rank_file(f, state)
     if dp_rank == 0:
         counters = run.counters()
         state = ckpt_lib.checkpoint_state(

@@ -189,7 +189,6 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
     padded_vocab = run.arch.padded_vocab_size(cfg.parallel.tp)
 
     flops_per_iter = model_flops_per_token(run.arch, seq_len) * cfg.data.global_batch_size * seq_len
-    tokens_per_iter = cfg.data.global_batch_size * seq_len
     start_iter = run.iteration
     nan_window = RecentCount(cfg.nan_window)
     last_saved = run.iteration if start_iter > 0 else None
@@ -207,6 +206,9 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
             t0 = time.perf_counter()
             loss, updated, grad_norm, got_nan = train_step(run, data, seq_len)
             elapsed = time.perf_counter() - t0
+            # tokens/s counts the samples' tokens, not SFT's padding (the FLOPs count all)
+            tokens = batches.real_tokens(train_ds, run.consumed_train_samples,
+                                         cfg.data.global_batch_size, seq_len)
             run.iteration += 1
             run.consumed_train_samples += cfg.data.global_batch_size
             if not updated:
@@ -216,7 +218,7 @@ def train(cfg: TrainConfig, log_to_file: Optional[bool] = None) -> Run:
             run.flops += flops_per_iter
             lr = run.optimizer.param_groups[0]["lr"]
             scale = float(run.optimizer.get_loss_scale().item())
-            tps = tokens_per_iter / elapsed / world
+            tps = tokens / elapsed / world
             tflops = flops_per_iter / elapsed / world / 1e12
             rec = dict(iteration=run.iteration, loss=loss, lr=lr, grad_norm=grad_norm,
                        loss_scale=scale, updated=updated, ms=elapsed * 1000, tokens_per_s=tps,

@@ -13,17 +13,6 @@ import os
 import sys
 
 
-def _quiet_known_warnings() -> None:
-    import warnings
-    # megatron-core's notes that it falls back from Transformer Engine/apex to local code
-    # (the backend chose that on purpose), and torch's renamed-collective notices
-    warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine).*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf.*")
-
-
 def main(argv=None) -> int:
     from megatron_patch.training.lifetime import tie_to_launcher
     tie_to_launcher()  # before anything slow: a worker must not outlive its launcher
@@ -32,7 +21,6 @@ def main(argv=None) -> int:
     p.add_argument("--timestamp", default=None)
     p.add_argument("args", nargs="*", help="the 25 launcher arguments")
     ns = p.parse_args(argv)
-    _quiet_known_warnings()
     from megatron_patch.training.arguments import build_config
     from megatron_patch.training.config import ConfigError
     prog = os.environ.get("MP_LAUNCHER_NAME", "pretrain")
@@ -44,6 +32,8 @@ def main(argv=None) -> int:
 
     from megatron_patch import parallel
     from megatron_patch.checkpoint import UnsafeCheckpointError
+    from megatron_patch.data.problems import InputError
+    from megatron_patch.fsutil import os_error_message
     from megatron_patch.training.config import TrainingStopped
     from megatron_patch.training.loop import train
     parallel.init_distributed()
@@ -52,9 +42,16 @@ def main(argv=None) -> int:
     say = int(os.environ.get("RANK", "0")) == 0
     try:
         train(cfg)
-    except (ConfigError, UnsafeCheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, UnsafeCheckpointError, InputError) as exc:
         if say:
             print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:  # a missing file, a full disk (a checkpoint save), permissions
+        if os.environ.get("MP_DEBUG") == "1":
+            raise
+        if say:
+            msg = os_error_message(exc) if exc.errno is not None else str(exc)
+            print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
         return 2
     except (ValueError, KeyError) as exc:  # a checkpoint or dataset that does not fit
         if os.environ.get("MP_DEBUG") == "1":

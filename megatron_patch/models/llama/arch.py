@@ -47,6 +47,10 @@ class LlamaArch:
             path = os.path.join(cfg, "config.json") if os.path.isdir(cfg) else cfg
             with open(path) as f:
                 cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"expected a JSON object of model settings, found a "
+                             f"{type(cfg).__name__}")
+        _check_numbers(cfg)
         arch = cfg.get("architectures") or ["LlamaForCausalLM"]
         if cfg.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in arch:
             raise ValueError(f"not a Llama config (model_type={cfg.get('model_type')!r}, "
@@ -100,6 +104,24 @@ class LlamaArch:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# config.json fields that must be whole numbers >= 1 (a string such as "four" would
+# otherwise fail deep inside with a message that does not name the field)
+_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "intermediate_size", "vocab_size",
+                  "max_position_embeddings", "head_dim")
+
+
+def _check_numbers(cfg: dict) -> None:
+    for key in _POSITIVE_INTS:
+        v = cfg.get(key)  # absent: optional, or reported as a missing key by the caller
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{key}={v!r}: must be a whole number >= 1")
+    for key in ("rope_theta", "rms_norm_eps"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise ValueError(f"{key}={v!r}: must be a positive number")
 
 
 def _rope_from_hf(cfg: dict) -> tuple[float, Optional[dict]]:

@@ -28,6 +28,9 @@ def stage_layer_counts(num_layers: int, pp: int, vp: Optional[int] = None,
         if vp:
             raise _bad("MP_PP0_LAYERS", pp0_layers, "cannot be combined with MP_VP")
         rest = num_layers - pp0_layers
+        if pp0_layers < 1 or rest < 1:
+            raise _bad("MP_PP0_LAYERS", pp0_layers, f"must be between 1 and {num_layers - 1} "
+                       f"(the model has {num_layers} layers; the other stages need some)")
         if pp0_layers < 1 or rest < pp - 1 or rest % (pp - 1):
             raise _bad("MP_PP0_LAYERS", pp0_layers, f"the other {rest} of {num_layers} layers "
                        f"must split evenly over PP-1={pp - 1} stages")

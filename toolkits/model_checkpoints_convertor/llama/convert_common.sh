@@ -14,8 +14,7 @@ mp_convert() {
     shift 3
     local bad=0
     if [ "$#" -ne 9 ] && [ "$#" -ne 10 ]; then
-        echo "$script: error: expected 9 or 10 arguments ($MP_CONVERT_USAGE), got $#" >&2
-        echo "usage: bash $script $MP_CONVERT_USAGE  (MODEL_SIZE: $size_help)" >&2
+        echo "$script: error: expected 9 or 10 arguments, got $#; usage: bash $script $MP_CONVERT_USAGE (MODEL_SIZE: $size_help; --help for more)" >&2
         return 2
     fi
     local source="$2" target="$3" tp="$4" pp="$5" mg2hf="$6" check="$7" check_only="$8" pr="$9"
@@ -47,11 +46,8 @@ mp_convert() {
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
     mp_python "$script" "$repo" || return 2
     local py="$MP_PYTHON"
-    # megatron-core warns at import that TE/apex are absent; the converter needs neither
-    local quiet="ignore:Transformer Engine and Apex are not installed,ignore:Apex is not installed"
     # the converter is CPU work (streaming I/O; the check runs both models on the CPU)
     MEGATRON_PATCH_BACKEND="${MEGATRON_PATCH_BACKEND:-cpu}" \
-    PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}$quiet" \
     PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$py" -m megatron_patch.conversion.cli \
         "$model" "$source" "$target" "$tp" "$pp" "$mg2hf" "$check" "$check_only" "$pr" ${hf_path:+"$hf_path"}
 }
