@@ -60,7 +60,7 @@ def test_quickstart_end_to_end(quickstart):
     (png,) = (out / "pretrain" / "tensorboard").glob("*/loss_curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(png.parent.glob("events.out.tfevents*"))
-    assert "loss curve (6 iterations, with validation) ->" in log  # the final evaluation
+    assert f"loss curve ({PRETRAIN_ITERS} iterations, with validation) ->" in log  # the final evaluation
     # step 9: lm-eval on the exported HF model, the bundled task, 4 questions per subject
     import json
     (results,) = (out / "eval").rglob("results_*.json")

@@ -68,6 +68,10 @@ def _alive(pids, table) -> list:
     return sorted(p for p in pids if p in table and table[p][1] not in ("Z", "X"))
 
 
+# torchrun's own command line names the worker module too
+TORCHRUN = ("torch.distributed.run", "megatron_patch.training.torchrun")
+
+
 class Launch:
     """The launcher in a new session; ``seen`` collects every process it started."""
 
@@ -81,7 +85,7 @@ class Launch:
 
     def workers(self, table) -> list:
         return [p for p in _alive(self.seen, table)
-                if WORKER in table[p][2] and "torch.distributed.run" not in table[p][2]]
+                if WORKER in table[p][2] and not any(t in table[p][2] for t in TORCHRUN)]
 
     def wait_until(self, ready, timeout=180.0) -> None:
         end = time.monotonic() + timeout
