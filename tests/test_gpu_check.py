@@ -80,6 +80,8 @@ def test_a_failed_step_fails_the_check(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MP_TEST_GPU_REHEARSAL"),
+                    reason="the GPU script's CPU rehearsal (~40 s) runs with MP_TEST_GPU_REHEARSAL=1")
 def test_cpu_rehearsal_runs_every_step(tmp_path):
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, SCRIPT, "--cpu-rehearsal", "--out", str(out)],

@@ -2,8 +2,8 @@
 converted from an HF model:
 
 - the first iteration's loss equals the HF model's loss on the same batch;
-- TP=2, TP=2+SP, PP=2, PP=2 x VP=2 and DP=2 runs give the TP=1/PP=1 loss curve for 5
-  iterations (fp32 tolerance); DO=true gives the DO=false losses and weights;
+- DP=2 runs give the TP=1/PP=1 loss curve for 5 iterations (fp32 tolerance); DO=true gives
+  the DO=false losses and weights (the other layouts: test_parallel_layouts*.py);
 - resuming from the iteration-3 checkpoint in fresh model/optimizer objects reproduces
   iterations 4-6 of the uninterrupted run bit for bit (TP=2; and DO + fp16 with a checkpoint
   taken before the optimizer's first successful step); the SIGKILL resume of a launched run
@@ -100,11 +100,10 @@ def _reference(rank, world, root, out):
     return result
 
 
+# TP, SP, PP and VP layouts are proven at launcher level with 4-8 processes
+# (test_parallel_layouts*.py); here DP=2 with and without the distributed optimizer, whose
+# weights must agree far tighter than a layout comparison allows
 CASES = {  # name: (tp, pp, do, extra config)
-    "tp2": (2, 1, False, {}),
-    "tp2_sp": (2, 1, False, {"sequence_parallel": True}),
-    "pp2": (1, 2, False, {}),
-    "pp2_vp2": (1, 2, False, {"vp": 2}),
     "dp2": (1, 1, False, {}),
     "dp2_do": (1, 1, True, {}),
 }
