@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 from typing import Optional
 
@@ -11,11 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_patch.ports import free_port  # noqa: F401  (re-exported)
 
 
 def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:

@@ -14,6 +14,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = [
     ("megatron_patch.cli_args", 0),
     ("megatron_patch.fsutil", 0),
+    ("megatron_patch.ports", 0),
     ("megatron_patch.warnings_policy", 0),
     ("megatron_patch.models.llama.arch", 0),
     ("megatron_patch.models.llama.presets", 0),
@@ -33,7 +34,8 @@ LAYERS = [
 ]
 # importable without torch (the launcher validates its arguments in well under a second)
 LIGHT = ["megatron_patch.evaluation.preflight", "megatron_patch.evaluation.task_data",
-         "megatron_patch.cli_args", "megatron_patch.fsutil", "megatron_patch.warnings_policy",
+         "megatron_patch.cli_args", "megatron_patch.fsutil", "megatron_patch.ports",
+         "megatron_patch.warnings_policy",
          "megatron_patch.models.llama.arch",
          "megatron_patch.models.llama.presets", "megatron_patch.models.llama.resolve",
          "megatron_patch.models.llama.parallel_layout", "megatron_patch.training.config",

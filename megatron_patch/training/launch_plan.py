@@ -18,6 +18,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from megatron_patch.ports import free_port
+
 from .arguments import _err, _int, build_config, check_model_shape
 from .config import ConfigError, TrainConfig
 
@@ -68,12 +70,6 @@ def local_device_count(env, dlc: bool = False) -> int:
             if n:
                 return n
     return 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_batches(cfg: TrainConfig, dp: int) -> int:
