@@ -22,3 +22,19 @@ def mp1():
     parallel.init_distributed()
     parallel.initialize_model_parallel(tp=1, pp=1)
     yield
+
+
+# Longest files first: the suite runs on two pytest-xdist workers, one file per worker at a
+# time (tests/run.sh: --dist loadfile), handed out in collection order. Alphabetical order
+# would leave the longest files (minutes each, measured with --durations) for the end, where
+# one worker runs them while the other idles.
+SLOWEST_FIRST = ["test_quickstart.py", "test_parallel_layouts_resume.py",
+                 "test_parallel_layouts.py", "test_train_resume.py", "test_cp_training.py",
+                 "test_dist_checkpoint.py", "test_eval_harness.py", "test_fp8.py",
+                 "test_train_dist_format.py", "test_memory_switches_parallel.py",
+                 "test_server.py", "test_train_parallel.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise
