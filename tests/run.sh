@@ -17,8 +17,10 @@ fi
 mp_python run.sh "$ROOT" || exit 2
 # the whole suite on every core: most time is process start-up (torch + megatron-core
 # imports), so two pytest workers keep both cores busy; a file stays on one worker (its
-# module fixtures are built once). MP_TEST_WORKERS=0 runs in one process.
-[ $# -gt 0 ] || set -- -n "${MP_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$ROOT/tests"
+# module fixtures are built once), longest files first (tests/conftest.py: xdist would
+# otherwise order files by test count). MP_TEST_WORKERS=0 runs in one process.
+[ $# -gt 0 ] || set -- -n "${MP_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
+    --durations=15 "$ROOT/tests"
 echo "tests: $MP_PYTHON -m pytest $*"
 set +e
 "$MP_PYTHON" -m pytest "$@"

@@ -288,7 +288,7 @@ def test_test_runner_sets_up_then_runs_pytest(tmp_path):
     assert r.returncode == 0, r.stderr
     calls = fake.calls()
     pytest_calls = [c for c in calls if "-m pytest" in c]
-    assert pytest_calls == [f"venv-python -m pytest -n 2 --dist loadfile --durations=15 {fake.root / 'tests'}"], calls
+    assert pytest_calls == [f"venv-python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15 {fake.root / 'tests'}"], calls
     assert calls.index(pytest_calls[0]) > calls.index(_installs(calls)[0])   # setup first
     # arguments go to pytest unchanged; pytest's status is the script's
     fake.clear_log()
@@ -311,7 +311,7 @@ def test_mp_python_skips_setup(tmp_path):
     mine = _write_exe(tmp_path / "mine" / "python", '#!/bin/sh\necho "mine $*" >> "$FAKE_LOG"\n')
     r = fake.run("tests/run.sh", MP_PYTHON=mine)
     assert r.returncode == 0, r.stderr
-    assert fake.calls() == [f"mine -m pytest -n 2 --dist loadfile --durations=15 {fake.root / 'tests'}"]
+    assert fake.calls() == [f"mine -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15 {fake.root / 'tests'}"]
     assert not (fake.root / ".venv").exists()
 
 
