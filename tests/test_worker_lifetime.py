@@ -16,6 +16,7 @@ kills it and requires the workers gone within seconds and every other process it
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
@@ -146,9 +147,12 @@ def test_group_kill_during_training_kills_workers(lw, tmp_path):
     out = str(tmp_path / "run")
     run = Launch(lw, out, iters=500, save=1)
     trained = re.compile(r"iteration\s+1/\s*500 \|")
+    # training, and the first checkpoint committed (on a busy machine the log line comes
+    # well before the save)
+    committed = os.path.join(out, "checkpoint", "*", "latest_checkpointed_iteration.txt")
     try:
         run.wait_until(lambda r, t: len(r.workers(t)) == r.nproc
-                       and trained.search(open(r.log).read()))
+                       and trained.search(open(r.log).read()) and glob.glob(committed))
         run.kill_and_wait(group=True)
         ckdir = H.checkpoint_dir(out)
         before = sorted(os.listdir(ckdir))
