@@ -15,6 +15,19 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def process_group_closed_after_module():
+    """For modules that run the converter in-process: its CHECK initialises a 1-process
+    group that outlives the call; tear it down at the module's end (when the module did not
+    start with one) so later modules begin without it."""
+    import torch.distributed as dist
+    was = dist.is_initialized()
+    yield
+    if not was and dist.is_initialized():
+        from megatron_patch import parallel
+        parallel.destroy()
+
+
 @pytest.fixture()
 def mp1():
     """A 1-process gloo group with TP=PP=1 model-parallel state (re-initialised per test)."""

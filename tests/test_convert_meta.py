@@ -32,14 +32,8 @@ STYLES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_process_group():
-    import torch.distributed as dist
-    was = dist.is_initialized()
-    yield
-    if not was and dist.is_initialized():
-        from megatron_patch import parallel
-        parallel.destroy()
+# the converter's CHECK opens a 1-process group in this process (conftest.py)
+pytestmark = pytest.mark.usefixtures("process_group_closed_after_module")
 
 
 @pytest.fixture(autouse=True)

@@ -21,15 +21,8 @@ CASES = [(g, tp, pp) for g in GENERATIONS for tp in (1, 2, 4) for pp in (1, 2, 4
          if small_arch(g).num_key_value_heads % tp == 0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_process_group():
-    """CHECK (VP test) starts a 1-process group: end it with the module."""
-    import torch.distributed as dist
-    was = dist.is_initialized()
-    yield
-    if not was and dist.is_initialized():
-        from megatron_patch import parallel
-        parallel.destroy()
+# the converter's CHECK opens a 1-process group in this process (conftest.py)
+pytestmark = pytest.mark.usefixtures("process_group_closed_after_module")
 
 
 def hf_to_files(hf_dir, out, arch, tp, pp, dtype, pp0=None):

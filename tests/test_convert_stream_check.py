@@ -21,14 +21,8 @@ from test_convert_roundtrip import hf_to_files
 GENERATIONS = ("llama", "llama2", "llama3", "llama3_1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_process_group():
-    import torch.distributed as dist
-    was = dist.is_initialized()
-    yield
-    if not was and dist.is_initialized():
-        from megatron_patch import parallel
-        parallel.destroy()
+# the converter's CHECK opens a 1-process group in this process (conftest.py)
+pytestmark = pytest.mark.usefixtures("process_group_closed_after_module")
 
 
 @pytest.fixture(autouse=True)
