@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 
 
 def _tmp(path: str) -> str:
@@ -22,32 +23,33 @@ def _named(exc: OSError, path: str) -> OSError:
     return type(exc)(exc.errno, exc.strerror, path)
 
 
-def atomic_copy(src: str, dst: str) -> None:
-    """Copy src to dst; a crash leaves dst as it was (absent or the old file), never cut."""
-    tmp = _tmp(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        shutil.copymode(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
-        raise _named(e, dst) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path: str, obj, indent: int = 2) -> None:
+@contextmanager
+def _replaced(path: str):
+    """Yield a temporary name next to ``path``; once the body has written it, it replaces
+    ``path``. An OSError names ``path``; the temporary file never stays behind."""
     tmp = _tmp(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
         raise _named(e, path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy src to dst; a crash leaves dst as it was (absent or the old file), never cut."""
+    with _replaced(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        shutil.copymode(src, tmp)
+
+
+def atomic_write_json(path: str, obj, indent: int = 2) -> None:
+    with _replaced(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
 
 
 def sync_copy(src: str, dst: str) -> bool:
