@@ -15,6 +15,15 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The shared training world of train_helpers.make_world (tokenizer, preprocessed
+    corpus, HF model and its release checkpoint), built once per pytest process; a module
+    that needs another world defines its own ``world``."""
+    from train_helpers import make_world
+    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
+
+
 @pytest.fixture(scope="module")
 def process_group_closed_after_module():
     """For modules that run the converter in-process: its CHECK initialises a 1-process

@@ -34,7 +34,7 @@ from typing import Callable, Tuple
 
 import pytest
 
-from train_helpers import ROOT, launcher_env, make_world
+from train_helpers import ROOT, launcher_env
 
 TRACKER = "latest_checkpointed_iteration.txt"
 TMP_NAME = re.compile(r"\.tmp\d+|\.staging|\.old-?\d+")
@@ -149,11 +149,6 @@ def read_only_dir(path, monkeypatch):
 
 
 # ---- the inputs --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
-
-
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return str(dst)

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from mp_utils import run_distributed
-from train_helpers import launcher_env, make_world, run_launcher
+from train_helpers import launcher_env, run_launcher
 
 pytestmark = pytest.mark.slow  # multi-process / end-to-end
 
@@ -139,11 +139,6 @@ def _worker(rank, world, root, out):
     res["resume_do_cp2_to_cp1"] = _train(do_to_cp1)
     res["memory"] = _peak_step_memory()
     return res
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from train_helpers import launcher_env, make_world, run_launcher, tb_scalars
+from train_helpers import launcher_env, run_launcher, tb_scalars
 
 pytestmark = pytest.mark.slow  # multi-process / end-to-end
 
@@ -33,11 +33,6 @@ def _log_file(out):
     logs = sorted(glob.glob(os.path.join(out, "log", "*.log")))
     assert len(logs) == 1, logs
     return logs[0]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import shutil
 import pytest
 import torch
 
-from train_helpers import make_world
 
 GBS, SEQ, ITERS = 4, 64, 4
 SFT_SEQ = 256  # several alpaca samples per packed row
@@ -103,11 +102,6 @@ def copy_checkpoint(src_dir: str, dst_dir: str, iteration: int) -> None:
 
 
 # ---- single process ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
-
-
 @pytest.fixture(scope="module")
 def runs(world, tmp_path_factory):
     """Every single-process run once (a few seconds each)."""

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from train_helpers import launcher_env, make_world, run_launcher
+from train_helpers import launcher_env, run_launcher
 
 MARKER_ENV = "MP_TEST_PAYLOAD_MARKER"
 
@@ -51,11 +51,6 @@ def test_unsafe_pickle_is_refused(tmp_path):
     # the reference: plain torch.load(weights_only=False) would have run it
     torch.load(f, weights_only=False)
     assert marker.exists()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
 
 
 GBS, SEQ = 4, 32

@@ -23,7 +23,6 @@ import os
 import pytest
 
 from mp_utils import run_distributed
-from train_helpers import make_world
 
 pytestmark = pytest.mark.slow  # multi-process
 
@@ -140,11 +139,6 @@ def _runs(rank, world, root, out):
             orig_setup
     res["dp_rank"] = ps.get_data_parallel_rank()
     return res
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
 
 
 @pytest.fixture(scope="module")

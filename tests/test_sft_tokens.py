@@ -6,14 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from train_helpers import make_world
 
 PAD = -7  # an id no tokenizer produces: every position holding it is padding
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
 
 
 def _padding_free_count(stream, start, count):

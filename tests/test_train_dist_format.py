@@ -17,7 +17,6 @@ import torch
 
 from mp_utils import run_distributed
 from test_train_parallel import _cfg, _weights
-from train_helpers import make_world
 
 pytestmark = pytest.mark.slow
 
@@ -66,11 +65,6 @@ def _runs(rank, world, root, out):
     res["tp1"], res["tp1_resumed"] = losses(e), losses(d)
     res["tp1_resumed_iters"] = [h["iteration"] for h in d.history]
     return res
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
 
 
 @pytest.fixture(scope="module")

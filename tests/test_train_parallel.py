@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from mp_utils import run_distributed
-from train_helpers import make_world
 
 pytestmark = pytest.mark.slow  # multi-process / end-to-end
 
@@ -148,11 +147,6 @@ def _parallel(rank, world, root, out):
             "same_weights": sorted(wf) == sorted(wr) and all(torch.equal(wf[k], wr[k])
                                                             for k in wf)}
     return res
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from train_helpers import launcher_env, make_world, run_launcher, tb_scalars
+from train_helpers import launcher_env, run_launcher, tb_scalars
 
 pytestmark = pytest.mark.slow  # multi-process / end-to-end
 
@@ -26,11 +26,6 @@ def _args(w, out):
     return ["dsw", "auto", 1, GBS, "1e-3", "1e-4", SEQ, SEQ, "fp32", 1, 1, 1, "false", "true",
             "true", "false", "false", "false", 3, w.corpus, w.corpus, w.release,
             6 * GBS * SEQ, GBS * SEQ, out]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.getbasetemp() / "train_world"))
 
 
 @pytest.fixture(scope="module")
